@@ -1,0 +1,110 @@
+"""The client role: private images, labels and noise; the low-noise levels 1..t_c."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .models import Denoiser, ModelConfig
+from .protocol import HandoffBatch, SamplingHandoffs, SamplingRequest
+from .sampling import eta_of, level_grid, sample_levels
+from .schedule import NoiseSchedule
+from .state import load_role, role_tensors
+
+
+class Client:
+    """Owns a partition, its private labels and noise seed, and a (small) model for levels <= t_c."""
+
+    def __init__(self, client_id: int, images: torch.Tensor, labels: torch.Tensor, *, schedule: NoiseSchedule,
+                 cut_level: int, model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
+                 num_classes: int | None = None, clip_norm: float | None = None, seed: int = 0,
+                 noise_seed: int | None = None, device: torch.device | str = "cpu"):
+        if images.shape[0] == 0:
+            raise ValueError(f"client {client_id} has no training records; use fewer clients or another partition")
+        self.id, self.schedule, self.t_c = client_id, schedule, cut_level
+        self.images, self.labels = images, labels
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.clip_norm = clip_norm
+        self.class_cond = num_classes is not None
+        self.model = Denoiser(model, images.shape[-1], images.shape[1], num_classes).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.gen = torch.Generator().manual_seed(seed)
+        # The secret behind every handoff; it never leaves the client.
+        self._noise_seed = noise_seed if noise_seed is not None else seed + 7919
+        self.views_made = 0
+        self.steps_done = 0
+
+    @property
+    def num_records(self) -> int:
+        return self.images.shape[0]
+
+    def _view_noise(self, view: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self._noise_seed * 1_000_003 + view)
+        return torch.randn(self.images.shape, generator=g)
+
+    def private_records(self) -> torch.Tensor:
+        """The records as the handoff sees them: clipped to L2 norm clip_norm when formal DP is on."""
+        if self.clip_norm is None:
+            return self.images
+        norms = self.images.flatten(1).norm(dim=1).clamp(min=1e-12)
+        return self.images * (self.clip_norm / norms).clamp(max=1.0).view(-1, 1, 1, 1)
+
+    def make_handoffs(self, n_views: int, batch: int) -> list[HandoffBatch]:
+        """The next n_views independent views of every record, noised to t_c, in messages of <= batch records."""
+        x0, out = self.private_records(), []
+        levels = torch.full((self.num_records,), self.t_c, dtype=torch.long)
+        for view in range(self.views_made, self.views_made + n_views):
+            y = self.schedule.noise(x0, levels, self._view_noise(view))
+            for start in range(0, self.num_records, batch):
+                ids = torch.arange(start, min(start + batch, self.num_records))
+                out.append(HandoffBatch(client_id=self.id, level=self.t_c, record_ids=ids,
+                                        views=torch.full_like(ids, view), handoffs=y[ids].float()))
+        self.views_made += n_views
+        return out
+
+    def train(self, steps: int) -> float:
+        """`steps` DDPM noise-prediction steps on levels 1..t_c; returns the mean loss (nan if no levels)."""
+        if self.t_c == 0 or steps == 0:
+            return float("nan")
+        self.model.train()
+        total = 0.0
+        for _ in range(steps):
+            idx = torch.randint(self.num_records, (self.batch_size,), generator=self.gen)
+            t = torch.randint(1, self.t_c + 1, (self.batch_size,), generator=self.gen)
+            eps = torch.randn((self.batch_size, *self.images.shape[1:]), generator=self.gen)
+            x_t = self.schedule.noise(self.images[idx], t, eps).to(self.device)
+            label = self.labels[idx].to(self.device) if self.class_cond else None
+            loss = F.mse_loss(self.model(x_t, t.to(self.device), label), eps.to(self.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.item()
+        self.steps_done += steps
+        return total / steps
+
+    def eps_fn(self, label: torch.Tensor | None):
+        return lambda x, t: self.model(x, t, label)
+
+    def sampling_request(self, n: int, steps: int, sampler: str, seed: int) -> SamplingRequest:
+        return SamplingRequest(client_id=self.id, n=n, steps=steps, sampler=sampler, seed=seed)
+
+    @torch.no_grad()
+    def finish(self, msg: SamplingHandoffs, steps: int, sampler: str, seed: int) -> torch.Tensor:
+        """Run levels t_c..0 on the server's handoffs; the images stay here. Returns (n, C, H, W) in [-1, 1]."""
+        g = torch.Generator().manual_seed(seed)
+        n = msg.handoffs.shape[0]
+        label = None
+        if self.class_cond:  # draw classes from this client's own label distribution
+            label = self.labels[torch.randint(len(self.labels), (n,), generator=g)].to(self.device)
+        self.model.eval()
+        x = sample_levels(self.eps_fn(label), msg.handoffs.to(self.device), level_grid(self.t_c, 0, steps),
+                          self.schedule, eta_of(sampler), g)
+        return x.clamp(-1, 1).cpu()
+
+    def state(self) -> tuple[dict, dict]:
+        tensors, meta = role_tensors(self.model, self.opt, self.gen)
+        meta.update(views_made=self.views_made, steps_done=self.steps_done)
+        return tensors, meta
+
+    def load(self, tensors: dict, meta: dict) -> None:
+        load_role(self.model, self.opt, self.gen, tensors, meta)
+        self.views_made, self.steps_done = meta["views_made"], meta["steps_done"]

@@ -1,0 +1,124 @@
+"""The server role: one shared model for the high-noise levels t_c+1..T, trained on handoffs only."""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from .models import Denoiser, ModelConfig
+from .protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest
+from .sampling import eta_of, level_grid, sample_levels
+from .schedule import NoiseSchedule
+from .state import load_role, role_tensors, split_prefix
+
+
+class Server:
+    """Ingests handoffs from many clients; trains on levels > t_c; samples down to the cut per client."""
+
+    def __init__(self, *, schedule: NoiseSchedule, cut_level: int, client_ids: list[int],
+                 image_shape: tuple[int, int, int], model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
+                 client_cond: bool = True, seed: int = 0, device: torch.device | str = "cpu",
+                 max_message_bytes: int | None = None):
+        self.schedule, self.t_c = schedule, cut_level
+        self.client_ids, self.image_shape = sorted(client_ids), tuple(image_shape)
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.client_cond = client_cond
+        # Client ids index the label embedding: the server personalises without seeing any class.
+        self.model = Denoiser(model, image_shape[-1], image_shape[0],
+                              max(self.client_ids) + 1 if client_cond else None).to(self.device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.gen = torch.Generator().manual_seed(seed + 104729)
+        self.limits = Limits(known_clients=frozenset(self.client_ids), image_shape=self.image_shape,
+                             level=cut_level, **({"max_bytes": max_message_bytes} if max_message_bytes else {}))
+        # The handoff store, keyed by (client, record, view): a re-sent view replaces, never duplicates.
+        self._store: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.received = Counter()  # (client, record) -> handoffs received over the run
+        self.steps_done = 0
+
+    @property
+    def has_levels(self) -> bool:
+        """False at c = 1: the clients run the whole chain and need no handoffs."""
+        return self.t_c < self.schedule.T
+
+    def ingest(self, msg: HandoffBatch) -> None:
+        """Keep a validated batch of handoffs (decode with self.limits before calling)."""
+        for rid, view, y in zip(msg.record_ids.tolist(), msg.views.tolist(), msg.handoffs):
+            self._store[(msg.client_id, rid, view)] = y.clone()
+            self.received[(msg.client_id, rid)] += 1
+        self._pool = None
+
+    def forget(self, client_id: int) -> None:
+        """Drop a client's handoffs (fresh mode replaces them every round)."""
+        self._store = {k: v for k, v in self._store.items() if k[0] != client_id}
+        self._pool = None
+
+    def num_handoffs(self, client_id: int | None = None) -> int:
+        return sum(1 for k in self._store if client_id is None or k[0] == client_id)
+
+    def _handoff_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pool is None:
+            keys = sorted(self._store)
+            self._pool = (torch.stack([self._store[k] for k in keys]), torch.tensor([k[0] for k in keys]))
+        return self._pool
+
+    def train(self, steps: int) -> float:
+        """`steps` steps on levels t_c+1..T from stored handoffs; returns the mean loss (nan if nothing to do)."""
+        if not self.has_levels or steps == 0:
+            return float("nan")
+        if not self._store:
+            raise RuntimeError("the server holds no handoffs yet: clients must send handoffs before it trains")
+        handoffs, owners = self._handoff_pool()
+        self.model.train()
+        total = 0.0
+        for _ in range(steps):
+            idx = torch.randint(handoffs.shape[0], (self.batch_size,), generator=self.gen)
+            t = torch.randint(self.t_c + 1, self.schedule.T + 1, (self.batch_size,), generator=self.gen)
+            e = torch.randn((self.batch_size, *self.image_shape), generator=self.gen)
+            x_t = self.schedule.renoise(handoffs[idx], self.t_c, t, e).to(self.device)
+            label = owners[idx].to(self.device) if self.client_cond else None
+            # Target: the server's own re-noising noise e' (unit variance); eps_fn rescales to full-chain noise.
+            loss = F.mse_loss(self.model(x_t, t.to(self.device), label), e.to(self.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.item()
+        self.steps_done += steps
+        return total / steps
+
+    def eps_fn(self, client_id: int):
+        """Full-chain noise prediction for the requesting client."""
+        def fn(x, t):
+            label = torch.full_like(t, client_id) if self.client_cond else None
+            scale = self.schedule.server_eps_scale(self.t_c, t.cpu()).to(x.device, x.dtype).view(-1, 1, 1, 1)
+            return scale * self.model(x, t, label)
+        return fn
+
+    @torch.no_grad()
+    def sample_to_cut(self, req: SamplingRequest) -> SamplingHandoffs:
+        """Run levels T..t_c for a client (validated request); the result is not clipped."""
+        g = torch.Generator().manual_seed(req.seed)
+        x = torch.randn((req.n, *self.image_shape), generator=g).to(self.device)
+        self.model.eval()
+        x = sample_levels(self.eps_fn(req.client_id), x, level_grid(self.schedule.T, self.t_c, req.steps),
+                          self.schedule, eta_of(req.sampler), g)
+        return SamplingHandoffs(client_id=req.client_id, level=self.t_c, handoffs=x.float().cpu())
+
+    def state(self) -> tuple[dict, dict]:
+        tensors, meta = role_tensors(self.model, self.opt, self.gen)
+        keys = sorted(self._store)
+        if keys:
+            tensors["store/handoffs"] = torch.stack([self._store[k] for k in keys])
+            tensors["store/keys"] = torch.tensor(keys, dtype=torch.long)
+        meta.update(steps_done=self.steps_done, received=[[*k, v] for k, v in sorted(self.received.items())])
+        return tensors, meta
+
+    def load(self, tensors: dict, meta: dict) -> None:
+        load_role(self.model, self.opt, self.gen, tensors, meta)
+        store = split_prefix(tensors, "store/")
+        self._store = ({tuple(k): y for k, y in zip(store["keys"].tolist(), store["handoffs"])}
+                       if store else {})
+        self._pool = None
+        self.steps_done = meta["steps_done"]
+        self.received = Counter({(c, r): n for c, r, n in meta["received"]})

@@ -1,0 +1,63 @@
+"""Role state on disk: tensors in safetensors, everything else in a JSON file beside it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into flat tensors and JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {f"{idx}/{k}": v for idx, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = meta["param_groups"]
+    for g in groups:  # JSON turns tuples into lists; Adam wants its betas as a tuple
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_state(prefix: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write prefix.safetensors and prefix.json atomically (temporary names, then rename)."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp_t, tmp_j = prefix.with_suffix(".safetensors.tmp"), prefix.with_suffix(".json.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_t))
+    tmp_j.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_t, prefix.with_suffix(".safetensors"))
+    os.replace(tmp_j, prefix.with_suffix(".json"))
+
+
+def load_state(prefix: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read what save_state wrote."""
+    return load_file(str(prefix.with_suffix(".safetensors"))), json.loads(prefix.with_suffix(".json").read_text())
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def role_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> tuple[dict, dict]:
+    """Model, optimizer and random stream of a role as (tensors, meta)."""
+    opt_t, opt_meta = optimizer_tensors(opt)
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"opt/{k}": v for k, v in opt_t.items()})
+    tensors["generator"] = gen.get_state()
+    return tensors, {"optimizer": opt_meta}
+
+
+def load_role(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+              tensors: dict, meta: dict) -> None:
+    model.load_state_dict(split_prefix(tensors, "model/"))
+    load_optimizer(opt, split_prefix(tensors, "opt/"), meta["optimizer"])
+    gen.set_state(tensors["generator"])
