@@ -26,7 +26,7 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
     for i, tile in enumerate(tiles):
         r, col = divmod(i, nrow)
         grid[:, p + r * (h + p):p + r * (h + p) + h, p + col * (w + p):p + col * (w + p) + w] = tile
-    array = grid.permute(1, 2, 0).numpy()
+    array = np.ascontiguousarray(grid.permute(1, 2, 0).numpy())  # (H, W, C)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array[..., 0] if c == 1 else np.ascontiguousarray(array), "L" if c == 1 else "RGB").save(path, format="PNG")
+    Image.fromarray(array[..., 0] if c == 1 else array, "L" if c == 1 else "RGB").save(path, format="PNG")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from collafuse.data import load_images
+from collafuse.data import CELEBA_ATTRIBUTE_GROUPS, client_splits, load_images
 
 CELEBA_ATTRIBUTES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
@@ -16,8 +16,9 @@ CELEBA_ATTRIBUTES = (
     "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
 ).split()
 # One attribute per CelebA record, cycling through the paper's five groups (hair colour, accessories,
-# hairstyle, eyebrows, eyes); record 10 also has Eyeglasses, so it belongs to two groups.
-CELEBA_ROWS = ["Black_Hair", "Eyeglasses", "Bangs", "Arched_Eyebrows", "Narrow_Eyes"] * 2 + ["Blond_Hair"] * 2
+# hairstyle, eyebrows, eyes); record 11 also has Eyeglasses, so it belongs to two groups.
+CELEBA_ROWS = ["Black_Hair", "Eyeglasses", "Bangs", "Arched_Eyebrows", "Narrow_Eyes"] * 2 + ["Black_Hair", "Bangs"]
+CELEBA_ROWS += ["Blond_Hair"] * 2
 AWA2_CLASSES = ["antelope", "grizzly+bear", "killer+whale"]
 AWA2_PREDICATES = ["black", "white", "blue", "brown"]
 AWA2_MATRIX = [[0, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 0]]
@@ -51,10 +52,10 @@ def write_celeba(root, rows=CELEBA_ROWS):
     lines = [str(len(rows)), " ".join(CELEBA_ATTRIBUTES)]
     for i, attr in enumerate(rows, 1):
         solid((20 * i, 100, 200), (178, 218)).save(root / "img_align_celeba" / f"{i:06d}.jpg", quality=95)
-        on = {attr} | ({"Eyeglasses"} if i == 10 else set())
+        on = {attr} | ({"Eyeglasses"} if i == 11 else set())
         lines.append(f"{i:06d}.jpg " + " ".join(" 1" if a in on else "-1" for a in CELEBA_ATTRIBUTES))
     (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
-    # Records 11 and 12 are the official val and test images: not loaded.
+    # The last two records are the official val and test images: not loaded.
     split = [0] * (len(rows) - 2) + [1, 2]
     (root / "list_eval_partition.txt").write_text("".join(f"{i:06d}.jpg {s}\n" for i, s in enumerate(split, 1)))
     return root
@@ -118,17 +119,29 @@ def test_cifar10_missing_files(tmp_path):
 def test_celeba_attributes_and_official_split(tmp_path):
     root = write_celeba(tmp_path)
     d = load_images("celeba", root=str(root))
-    assert d.images.shape == (10, 3, 64, 64) and d.attributes.shape == (10, 40)
+    assert d.images.shape == (12, 3, 64, 64) and d.attributes.shape == (12, 40)
     assert d.attribute_names == CELEBA_ATTRIBUTES and d.num_classes == 0 and d.labels.eq(-1).all()
-    assert d.attributes.sum().item() == 11  # one per record, plus record 10's Eyeglasses
+    assert d.attributes.sum().item() == 13  # one per record, plus record 11's Eyeglasses
     assert d.attributes[0, CELEBA_ATTRIBUTES.index("Black_Hair")] == 1
     # Solid (20, 100, 200) survives crop, resize and JPEG within a few grey levels.
     expected = torch.tensor([20, 100, 200]) / 127.5 - 1
     assert torch.allclose(d.images[0].mean((1, 2)), expected, atol=0.03)
     small = load_images("celeba", root=str(root), image_size=32, channels=1)
-    assert small.images.shape == (10, 1, 32, 32)
+    assert small.images.shape == (12, 1, 32, 32)
     (root / "list_eval_partition.txt").unlink()  # without the split file, every record loads
-    assert len(load_images("celeba", root=str(root), image_size=8)) == 12
+    assert len(load_images("celeba", root=str(root), image_size=8)) == 14
+
+
+def test_celeba_attribute_group_clients(tmp_path):
+    d = load_images("celeba", root=str(write_celeba(tmp_path)), image_size=8)
+    splits = client_splits(d, 5, partition="attribute", seed=0)
+    members = [torch.cat([s.train, s.test]).sort().values.tolist() for s in splits]
+    assert members[2:] == [[2, 7, 11], [3, 8], [4, 9]]  # hairstyle, eyebrows, eyes
+    assert sorted(members[0] + members[1]) == [0, 1, 5, 6, 10]  # record 10 is in hair colour or accessories
+    for group, m in zip(CELEBA_ATTRIBUTE_GROUPS.values(), members):
+        cols = [d.attribute_names.index(a) for a in group]
+        assert d.attributes[m][:, cols].amax(1).eq(1).all()
+    assert [len(s.test) for s in splits] == [1] * 5
 
 
 def test_celeba_errors(tmp_path):
@@ -142,6 +155,13 @@ def test_celeba_errors(tmp_path):
     attr = (root / "list_attr_celeba.txt").read_text().splitlines()
     (root / "list_attr_celeba.txt").write_text("\n".join(attr[:3] + [attr[3][:-3]] + attr[4:]))
     with pytest.raises(ValueError, match="line 4 has 39 values for 40 attributes"):
+        load_images("celeba", root=str(root), image_size=8)
+    (root / "list_attr_celeba.txt").write_text("12\n")
+    with pytest.raises(ValueError, match="lacks its count and header lines"):
+        load_images("celeba", root=str(root), image_size=8)
+    (root / "list_eval_partition.txt").write_text("000001.jpg 2\n")
+    (root / "list_attr_celeba.txt").write_text("\n".join(attr[:3]))
+    with pytest.raises(ValueError, match="selects none"):
         load_images("celeba", root=str(root), image_size=8)
     (root / "list_attr_celeba.txt").unlink()
     with pytest.raises(FileNotFoundError, match="list_attr_celeba.txt"):
@@ -188,7 +208,7 @@ def test_image_folder_labels_from_subfolders(tmp_path):
     assert torch.allclose(d.images[3], torch.tensor(60 / 127.5 - 1), atol=1e-6)
     rgb = load_images("imagefolder", root=str(tmp_path / "scans"), channels=3, image_size=32)
     assert rgb.images.shape == (6, 3, 32, 32)
-    assert torch.allclose(rgb.images[:, :1], rgb.images[:, 1:2]) and torch.allclose(rgb.images[:, :1], rgb.images[:, 2:])
+    assert torch.equal(rgb.images, rgb.images[:, :1].expand(-1, 3, -1, -1))  # grey copied to R, G, B
 
 
 def test_image_folder_csv_with_groups(tmp_path):

@@ -20,7 +20,14 @@ AWA2_URL = "https://cvml.ista.ac.at/AwA2/"
 
 def load_images(name: str, *, root: str | None = None, image_size: int | None = None,
                 channels: int | None = None, max_records: int | None = None, seed: int = 0) -> ImageSet:
-    """Load a named dataset as an ImageSet in [-1, 1], resized, channel-converted and subsampled as asked."""
+    """Load a named dataset as an ImageSet in [-1, 1], resized, channel-converted and subsampled as asked.
+
+    mnist / digits: embedded, no root (default 16 px / 8 px). cifar10: root = cifar-10-batches-py.
+    celeba: root holds img_align_celeba/ and list_attr_celeba.txt (default 64 px). awa2: root holds
+    JPEGImages/<class>/, classes.txt, predicates.txt, predicate-matrix-binary.txt (default 64 px).
+    imagefolder: root holds class sub-folders, or labels.csv / metadata.csv (file_name, label, group).
+    hf:<name>[:<split>]: datasets.load_dataset(name, data_dir=root, split=split or "train").
+    """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
@@ -101,6 +108,8 @@ def _load_celeba(root: Path, image_size, channels, max_records, seed) -> ImageSe
         raise FileNotFoundError(f"CelebA image folder {images_dir} not found: extract img_align_celeba.zip "
                                 f"(from {CELEBA_URL}) into {root}")
     lines = attr_file.read_text().splitlines()
+    if len(lines) < 2:
+        raise ValueError(f"{attr_file} lacks its count and header lines: it is not list_attr_celeba.txt")
     names = lines[1].split()
     rows = [line.split() for line in lines[2:] if line.strip()]
     bad = next((i for i, r in enumerate(rows) if len(r) != len(names) + 1), None)
@@ -110,8 +119,8 @@ def _load_celeba(root: Path, image_size, channels, max_records, seed) -> ImageSe
     split_file = root / "list_eval_partition.txt"
     if split_file.is_file():
         # Only the official training partition (0) is loaded; its val/test images stay unseen.
-        train = {f for f, s in (line.split() for line in split_file.read_text().splitlines() if line.strip()) if s == "0"}
-        rows = [r for r in rows if r[0] in train]
+        split = dict(line.split() for line in split_file.read_text().splitlines() if line.strip())
+        rows = [r for r in rows if split.get(r[0]) == "0"]
     idx = subsample(len(rows), max_records, seed).tolist()
     paths = [images_dir / rows[i][0] for i in idx]
     images = stack_arrays([read_image(p, 64 if image_size is None else image_size) for p in paths], paths, channels)
@@ -130,7 +139,8 @@ def _load_awa2(root: Path, image_size, channels, max_records, seed) -> ImageSet:
     root = root / "Animals_with_Attributes2" if (root / "Animals_with_Attributes2").is_dir() else root
     jpeg_dir = root / "JPEGImages"
     if not jpeg_dir.is_dir():
-        raise FileNotFoundError(f"AwA2 image folder {jpeg_dir} not found: extract AwA2-data.zip ({AWA2_URL}) into {root}")
+        raise FileNotFoundError(f"AwA2 image folder {jpeg_dir} not found: extract AwA2-data.zip ({AWA2_URL}) "
+                                f"into {root}")
     classes = _read_index_file(root / "classes.txt", "class list")
     predicates = _read_index_file(root / "predicates.txt", "attribute (predicate) list")
     matrix_file = root / "predicate-matrix-binary.txt"

@@ -103,6 +103,8 @@ def pil_to_array(img: Image.Image, image_size: int | None) -> np.ndarray:
 
 def stack_arrays(arrays: list[np.ndarray], paths: list, channels: int | None) -> torch.Tensor:
     """(H, W, C) uint8 arrays of one size -> (N, C, H, W) in [-1, 1]; greyscale by default only if all are."""
+    if not arrays:
+        raise ValueError("no images to load: the listing (CSV, attribute or split file) selects none")
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         first = arrays[0].shape[:2]

@@ -1,0 +1,224 @@
+"""What an honest-but-curious server can learn about client records from the handoffs it sees.
+
+Pure functions on tensors and callables. Notation: alpha_bar is a 1-D tensor of length T+1 with
+alpha_bar[0] = 1; t_c the cut level; a handoff y = sqrt(alpha_bar[t_c]) x0 + sqrt(1 - alpha_bar[t_c]) e.
+A denoiser is eps_fn(x_t, t) -> predicted full-chain noise, t a long tensor of shape (N,).
+Images are (N, C, H, W) in [-1, 1].
+"""
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from sklearn.metrics import roc_auc_score
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.kid import KernelInceptionDistance
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# loss_fn(records, t, noise) -> per-record denoising loss (N,); see denoising_loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+MIA_TARGET_FPR = 0.01
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-record PSNR in dB between image batches in [-1, 1] (data range 2)."""
+    _check_pair(a, b)
+    return peak_signal_noise_ratio(a, b, data_range=2.0, reduction="none", dim=(1, 2, 3))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-record SSIM between image batches in [-1, 1]; the Gaussian window shrinks to fit small images."""
+    _check_pair(a, b)
+    side = min(a.shape[-2:])
+    kernel = min(11, side if side % 2 else side - 1)  # odd, at most the image side (8 for digits -> 7)
+    if kernel < 3:
+        raise ValueError(f"ssim needs images of at least 3x3 pixels, got {tuple(a.shape[-2:])}")
+    return structural_similarity_index_measure(
+        a.float(), b.float(), data_range=2.0, kernel_size=kernel, reduction="none"
+    )
+
+
+def reconstruct(
+    handoffs: torch.Tensor, t_c: int, alpha_bar: torch.Tensor, eps_fn: EpsFn | None = None
+) -> torch.Tensor:
+    """Server's estimate of x0 from handoffs: Tweedie with its denoiser, else y / sqrt(alpha_bar); clamped to [-1, 1]."""
+    ab = _alpha_bar_at(alpha_bar, t_c)
+    y = handoffs
+    if eps_fn is not None and t_c > 0:
+        t = torch.full((y.shape[0],), t_c, dtype=torch.long, device=y.device)
+        with torch.no_grad():
+            y = y - math.sqrt(1.0 - ab) * eps_fn(y, t)
+    return (y / math.sqrt(ab)).clamp(-1.0, 1.0)
+
+
+def reconstruction_quality(x0_hat: torch.Tensor, x0: torch.Tensor) -> dict:
+    """Per-record PSNR and SSIM of reconstructions against the true records, as float lists."""
+    return {"psnr": psnr(x0_hat, x0).tolist(), "ssim": ssim(x0_hat, x0).tolist()}
+
+
+def reidentification_rate(
+    observed: torch.Tensor, candidates: torch.Tensor, true_index: torch.Tensor, *, chunk: int = 1024
+) -> float:
+    """Share of observed records whose L2-nearest candidate is their own source (top-1 re-identification).
+
+    Give observed and candidates on the same scale: reconstructions vs images, or handoffs vs
+    sqrt(alpha_bar[t_c]) * images (the maximum-likelihood match for Gaussian noise).
+    """
+    if observed.shape[1:] != candidates.shape[1:]:
+        raise ValueError(
+            f"observed records {tuple(observed.shape[1:])} and candidates {tuple(candidates.shape[1:])} differ in shape"
+        )
+    true_index = torch.as_tensor(true_index, dtype=torch.long)
+    if true_index.shape != (observed.shape[0],):
+        raise ValueError(f"true_index must have shape ({observed.shape[0]},), one per observed record")
+    if true_index.min() < 0 or true_index.max() >= candidates.shape[0]:
+        raise ValueError(f"true_index must index the candidate pool [0, {candidates.shape[0]})")
+    pool = candidates.flatten(1).double()
+    hits = 0
+    for start in range(0, observed.shape[0], chunk):  # chunks bound the (chunk, pool) distance matrix
+        obs = observed[start : start + chunk].flatten(1).double()
+        nearest = torch.cdist(obs, pool).argmin(dim=1)
+        hits += int((nearest == true_index[start : start + chunk].to(nearest.device)).sum())
+    return hits / observed.shape[0]
+
+
+def chance_level(pool_size: int) -> float:
+    """Top-1 re-identification rate of a blind guess in a pool of pool_size candidates."""
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+    return 1.0 / pool_size
+
+
+def kview_attack(views: torch.Tensor, t_c: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Estimate x0 from K handoffs of each record (K, N, C, H, W): average, rescale, clamp to [-1, 1]."""
+    if views.ndim != 5 or views.shape[0] < 1:
+        raise ValueError(f"views must be (K, N, C, H, W) with K >= 1, got shape {tuple(views.shape)}")
+    return reconstruct(views.mean(dim=0), t_c, alpha_bar)
+
+
+def kview_psnr_curve(
+    views: torch.Tensor, x0: torch.Tensor, t_c: int, alpha_bar: torch.Tensor, ks: Sequence[int] | None = None
+) -> list[dict]:
+    """Mean PSNR of the K-view attack using the first k views, for each k in ks (default 1..K)."""
+    ks = list(range(1, views.shape[0] + 1)) if ks is None else list(ks)
+    if any(k < 1 or k > views.shape[0] for k in ks):
+        raise ValueError(f"every k in ks must be in [1, {views.shape[0]}] (the views held), got {ks}")
+    return [{"k": k, "psnr": float(psnr(kview_attack(views[:k], t_c, alpha_bar), x0).mean())} for k in ks]
+
+
+def denoising_loss(eps_fn: EpsFn, alpha_bar: torch.Tensor, *, from_level: int = 0) -> LossFn:
+    """Per-record DDPM loss of a denoiser on records at level from_level (x0 for 0, handoffs for t_c).
+
+    Records at level s are noised to t > s with the rescaled schedule alpha_bar[t] / alpha_bar[s] and
+    fresh noise e'; the full-chain noise target is sqrt((1 - ab[t]) / (1 - ab'[t])) e' (design §3).
+    For from_level = 0 this is the ordinary loss.
+    """
+    ab_from = _alpha_bar_at(alpha_bar, from_level)
+
+    def loss(records: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if int(t.min()) <= from_level:
+            raise ValueError(f"levels must be above the records' level {from_level}, got {t.min().item()}")
+        ab = alpha_bar.to(records.device, torch.float64)[t]
+        ab_rel = ab / ab_from
+        shape = (-1,) + (1,) * (records.ndim - 1)
+        x_t = ab_rel.sqrt().view(shape).float() * records + (1 - ab_rel).sqrt().view(shape).float() * noise
+        target = ((1 - ab) / (1 - ab_rel)).sqrt().view(shape).float() * noise
+        return (eps_fn(x_t, t) - target).pow(2).flatten(1).mean(dim=1)
+
+    return loss
+
+
+def mia_scores(
+    records: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    levels: Sequence[int],
+    draws: int = 4,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Membership score per record: minus the mean denoising loss over fixed levels and seeded noise draws.
+
+    Higher = more likely a member. Scoring members and non-members with the same seed gives both
+    the same noise stream.
+    """
+    if not levels or draws < 1:
+        raise ValueError(f"need at least one level and draws >= 1, got levels={list(levels)}, draws={draws}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    total = torch.zeros(records.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for level in levels:
+            for _ in range(draws):
+                noise = torch.randn(records.shape, generator=gen).to(records.device, records.dtype)
+                for start in range(0, records.shape[0], batch_size):
+                    part = slice(start, start + batch_size)
+                    t = torch.full((records[part].shape[0],), int(level), dtype=torch.long, device=records.device)
+                    total[part] += loss_fn(records[part], t, noise[part]).double().cpu()
+    return -(total / (len(levels) * draws))
+
+
+def mia_metrics(
+    member_scores: torch.Tensor, nonmember_scores: torch.Tensor, *, calibration_nonmember_scores: torch.Tensor
+) -> dict:
+    """AUC and TPR at 1% FPR of a score threshold set on held-out calibration non-members only."""
+    calib = np.sort(np.asarray(calibration_nonmember_scores, dtype=np.float64))[::-1]
+    needed = math.ceil(1 / MIA_TARGET_FPR)
+    if calib.size < needed:
+        raise ValueError(
+            f"need >= {needed} calibration non-member scores to set a 1% FPR threshold, got {calib.size}; "
+            "hold out more non-members (or shadow data) for calibration"
+        )
+    members = np.asarray(member_scores, dtype=np.float64)
+    nonmembers = np.asarray(nonmember_scores, dtype=np.float64)
+    if members.size == 0 or nonmembers.size == 0:
+        raise ValueError("need at least one member and one non-member score to evaluate")
+    # predict "member" when score > threshold; at most 1% of calibration scores lie strictly above it
+    threshold = float(calib[int(MIA_TARGET_FPR * calib.size)])
+    labels = np.r_[np.ones(members.size), np.zeros(nonmembers.size)]
+    return {
+        "auc": float(roc_auc_score(labels, np.r_[members, nonmembers])),
+        "tpr_at_1pct_fpr": float((members > threshold).mean()),
+        "fpr_at_threshold": float((nonmembers > threshold).mean()),  # realised on the evaluated non-members
+        "threshold": threshold,
+        "members": int(members.size),
+        "nonmembers": int(nonmembers.size),
+        "calibration_nonmembers": int(calib.size),
+    }
+
+
+def distribution_disclosure(
+    handoffs: torch.Tensor, images: torch.Tensor, extractor: nn.Module, *, subsets: int = 50, seed: int = 0
+) -> dict:
+    """The paper's distribution-level numbers: KID (features by `extractor`) and MSE between handoffs and images."""
+    _check_pair(handoffs, images)
+    kid = KernelInceptionDistance(feature=extractor, subsets=subsets, subset_size=min(1000, images.shape[0]))
+    with torch.no_grad():
+        kid.update(images, real=True)
+        kid.update(handoffs, real=False)
+    with torch.random.fork_rng(devices=[]):  # torchmetrics draws its KID subsets from the global RNG
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {
+        "kid": float(kid_mean),
+        "kid_std": float(kid_std),
+        "mse": float((handoffs.float() - images.float()).pow(2).mean()),
+    }
+
+
+def _alpha_bar_at(alpha_bar: torch.Tensor, t_c: int) -> float:
+    if alpha_bar.ndim != 1 or float(alpha_bar[0]) != 1.0:
+        raise ValueError("alpha_bar must be 1-D of length T+1 with alpha_bar[0] = 1 (level 0 is the clean image)")
+    if not 0 <= t_c < alpha_bar.shape[0]:
+        raise ValueError(f"cut level t_c must be in [0, {alpha_bar.shape[0] - 1}], got {t_c}")
+    ab = float(alpha_bar[t_c])
+    if ab <= 0.0:
+        raise ValueError(f"alpha_bar[{t_c}] = {ab}: no signal left to reconstruct; use a level below T")
+    return ab
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"expected two (N, C, H, W) batches of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")

@@ -1,0 +1,80 @@
+"""After training: each client gets samples through the split chain and measures them on its own held-out images."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .client import Client
+from .images import save_grid
+from .quality import evaluate_quality, feature_extractor, train_domain_classifier
+
+OWN_CLASS_MIN_SHARE = 0.05  # a class counts as the client's own when >= 5% of its training records carry it
+
+
+def own_classes(labels: torch.Tensor, num_classes: int) -> list[int]:
+    """The classes that make up at least OWN_CLASS_MIN_SHARE of a client's records."""
+    counts = torch.bincount(labels[labels >= 0], minlength=num_classes).float()
+    return [k for k in range(num_classes) if counts[k] >= OWN_CLASS_MIN_SHARE * len(labels)]
+
+
+def split_sample(fed, client: Client, n: int, *, server_steps: int, client_steps: int, sampler: str,
+                 seed: int) -> torch.Tensor:
+    """The whole sampling exchange for one client: request, server levels, handoffs back, client levels."""
+    t0 = time.perf_counter()
+    req = fed.wire.up(client.sampling_request(n, server_steps, sampler, seed), fed.server.limits)
+    handoffs = fed.wire.down(fed.server.sample_to_cut(req), fed.client_limits)
+    t1 = time.perf_counter()
+    images = client.finish(handoffs, client_steps, sampler, seed + 1)
+    fed.seconds["server.sample"] += t1 - t0
+    fed.seconds[f"client{client.id}.sample"] += time.perf_counter() - t1
+    return images
+
+
+def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
+    """Per-client samples (a grid each) and quality against the client's held-out images; metrics dict."""
+    from .runner import report_up
+    cfg, data = fed.cfg, fed.data
+    has_labels = bool((data.labels >= 0).all()) and data.num_classes > 1
+    classifier = None
+    if has_labels:
+        train_idx = torch.cat([s.train for s in fed.splits])
+        classifier = train_domain_classifier(data.images[train_idx], data.labels[train_idx],
+                                             num_classes=data.num_classes, seed=cfg.seed,
+                                             epochs=cfg.eval.classifier_epochs)
+    elif cfg.eval.extractor == "domain":
+        raise ValueError(f"data set {data.name!r} has no class labels, so there is no domain classifier to give "
+                         f"FID features; set eval.extractor=inception")
+    extractor = feature_extractor(cfg.eval.extractor, classifier=classifier)
+    per_client = {}
+    s = cfg.sampling
+    for client, split in tqdm(list(zip(fed.clients, fed.splits)), desc="sampling", disable=not progress):
+        images = split_sample(fed, client, s.n, server_steps=s.server_steps, client_steps=s.client_steps,
+                              sampler=s.sampler, seed=cfg.seed * 7 + client.id)
+        save_grid(images, out / f"samples_client{client.id}.png")
+        quality = evaluate_quality(images, data.images[split.test], extractor=extractor, classifier=classifier,
+                                   client_classes=own_classes(client.labels, data.num_classes) if has_labels
+                                   else None)
+        numbers = {k: float(v) for k, v in quality.items() if isinstance(v, (int, float))}
+        per_client[str(client.id)] = {
+            **report_up(fed, client, numbers),
+            "n_train": client.num_records, "n_test": len(split.test),
+            "classes": own_classes(client.labels, data.num_classes) if has_labels else None,
+            "bytes_up": fed.wire.bytes_up[client.id], "bytes_down": fed.wire.bytes_down[client.id],
+            "train_seconds": fed.seconds[f"client{client.id}.train"],
+            "sample_seconds": fed.seconds[f"client{client.id}.sample"],
+            "params": client.model.num_parameters(),
+        }
+    return {
+        "schema": 1,
+        "cut": cfg.cut, "cut_level": fed.cut_level, "T": cfg.schedule.T, "rounds": fed.round,
+        "handoff_mode": cfg.handoff.mode, "views": cfg.handoff.views,
+        "quality": {"extractor": cfg.eval.extractor, "n_samples": s.n, "sampler": s.sampler,
+                    "server_steps": s.server_steps, "client_steps": s.client_steps},
+        "clients": per_client,
+        "server": {"train_seconds": fed.seconds["server.train"], "sample_seconds": fed.seconds["server.sample"],
+                   "params": fed.server.model.num_parameters(), "handoffs_held": fed.server.num_handoffs()},
+        "bytes_up": sum(fed.wire.bytes_up.values()), "bytes_down": sum(fed.wire.bytes_down.values()),
+    }

@@ -1,0 +1,1 @@
+"""Flower edge of collafuse: certificates, local process management and the Flower apps (kept thin)."""
