@@ -12,11 +12,17 @@ from .state import load_role, role_tensors
 
 
 class Client:
-    """Owns a partition, its private labels and noise seed, and a (small) model for levels <= t_c."""
+    """Owns a partition, its private labels and noise seed, and a (small) model for levels <= t_c.
+
+    `condition` (optional, per record): class ids (N,) int64 or attribute vectors (N, A) float; the
+    client's model conditions on it and it never leaves the client. `labels` serve only the client's
+    own measurements.
+    """
 
     def __init__(self, client_id: int, images: torch.Tensor, labels: torch.Tensor, *, schedule: NoiseSchedule,
                  cut_level: int, model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
-                 num_classes: int | None = None, clip_norm: float | None = None, seed: int = 0,
+                 condition: torch.Tensor | None = None, num_classes: int | None = None,
+                 clip_norm: float | None = None, seed: int = 0,
                  noise_seed: int | None = None, device: torch.device | str = "cpu"):
         if images.shape[0] == 0:
             raise ValueError(f"client {client_id} has no training records; use fewer clients or another partition")
@@ -24,8 +30,11 @@ class Client:
         self.images, self.labels = images, labels
         self.device, self.batch_size = torch.device(device), batch_size
         self.clip_norm = clip_norm
-        self.class_cond = num_classes is not None
-        self.model = Denoiser(model, images.shape[-1], images.shape[1], num_classes).to(self.device)
+        self.condition = condition
+        vector = condition is not None and condition.dim() == 2
+        self.model = Denoiser(model, images.shape[-1], images.shape[1],
+                              num_labels=num_classes if condition is not None and not vector else None,
+                              vector_dim=condition.shape[1] if vector else None).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.gen = torch.Generator().manual_seed(seed)
         # The secret behind every handoff; it never leaves the client.
@@ -72,8 +81,8 @@ class Client:
             t = torch.randint(1, self.t_c + 1, (self.batch_size,), generator=self.gen)
             eps = torch.randn((self.batch_size, *self.images.shape[1:]), generator=self.gen)
             x_t = self.schedule.noise(self.images[idx], t, eps).to(self.device)
-            label = self.labels[idx].to(self.device) if self.class_cond else None
-            loss = F.mse_loss(self.model(x_t, t.to(self.device), label), eps.to(self.device))
+            cond = self.condition[idx].to(self.device) if self.condition is not None else None
+            loss = F.mse_loss(self.model(x_t, t.to(self.device), cond), eps.to(self.device))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -81,8 +90,8 @@ class Client:
         self.steps_done += steps
         return total / steps
 
-    def eps_fn(self, label: torch.Tensor | None):
-        return lambda x, t: self.model(x, t, label)
+    def eps_fn(self, cond: torch.Tensor | None):
+        return lambda x, t: self.model(x, t, cond)
 
     def sampling_request(self, n: int, steps: int, sampler: str, seed: int) -> SamplingRequest:
         return SamplingRequest(client_id=self.id, n=n, steps=steps, sampler=sampler, seed=seed)
@@ -92,11 +101,11 @@ class Client:
         """Run levels t_c..0 on the server's handoffs; the images stay here. Returns (n, C, H, W) in [-1, 1]."""
         g = torch.Generator().manual_seed(seed)
         n = msg.handoffs.shape[0]
-        label = None
-        if self.class_cond:  # draw classes from this client's own label distribution
-            label = self.labels[torch.randint(len(self.labels), (n,), generator=g)].to(self.device)
+        cond = None
+        if self.condition is not None:  # draw conditions from this client's own records
+            cond = self.condition[torch.randint(self.num_records, (n,), generator=g)].to(self.device)
         self.model.eval()
-        x = sample_levels(self.eps_fn(label), msg.handoffs.to(self.device), level_grid(self.t_c, 0, steps),
+        x = sample_levels(self.eps_fn(cond), msg.handoffs.to(self.device), level_grid(self.t_c, 0, steps),
                           self.schedule, eta_of(sampler), g)
         return x.clamp(-1, 1).cpu()
 

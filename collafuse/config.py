@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .models import ModelConfig
+from .schedule import NoiseSchedule
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ClientConfig:
     steps_per_round: int = 100
     batch_size: int = 64
     lr: float = 1e-3
-    class_cond: bool = False  # condition on the client's private labels (they never leave it)
+    condition: str = "none"  # none | class | attributes: the client's private labels, never sent
 
 
 @dataclass
@@ -171,8 +172,11 @@ def load_config(source: str | None = "default", overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Reject values no run could use, before any work starts."""
-    if not 0.0 <= float(cfg.cut) <= 1.0:
-        raise ValueError(f"cut must be in [0, 1] (0 = centralised, 1 = local-only), got {cfg.cut}")
+    if not isinstance(cfg.cut, (int, float)) or not 0.0 <= float(cfg.cut) <= 1.0:
+        raise ValueError(f"cut must be in [0, 1] (0 = centralised, 1 = local-only), got {cfg.cut!r}")
+    NoiseSchedule(cfg.schedule.T, cfg.schedule.kind)  # raises on a schedule no chain can use
+    if cfg.client.condition not in ("none", "class", "attributes"):
+        raise ValueError(f"client.condition {cfg.client.condition!r} is unknown; choose none, class or attributes")
     if cfg.handoff.mode not in ("once", "fresh"):
         raise ValueError(f"handoff.mode {cfg.handoff.mode!r} is unknown; choose once or fresh")
     for key in ("rounds", "handoff.views", "handoff.batch", "data.clients", "server.batch_size",

@@ -24,9 +24,14 @@ def device_auto() -> torch.device:
 
 
 class Denoiser(nn.Module):
-    """Noise predictor net(x_t, level, label) for one role; `label` is a client id or a class."""
+    """Noise predictor net(x_t, level, cond) for one role.
 
-    def __init__(self, cfg: ModelConfig, image_size: int, channels: int, num_labels: int | None = None):
+    `cond` is an integer label (a client id on the server, a class on a client) when num_labels is
+    set, or a float vector (e.g. CelebA attributes, 0/1) when vector_dim is set.
+    """
+
+    def __init__(self, cfg: ModelConfig, image_size: int, channels: int, num_labels: int | None = None,
+                 vector_dim: int | None = None):
         super().__init__()
         depth = len(cfg.channels)
         if image_size % 2 ** (depth - 1):
@@ -40,15 +45,27 @@ class Denoiser(nn.Module):
         up = ["UpBlock2D"] * depth
         if cfg.attention:
             down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-        self.num_labels = num_labels
+        if num_labels and vector_dim:
+            raise ValueError("a denoiser conditions on labels or on vectors, not both")
+        self.num_labels, self.vector_dim = num_labels, vector_dim
+        time_dim = cfg.channels[0] * 4  # UNet2DModel's time-embedding width
+        # A vector is projected to the time-embedding width and added to it ("identity" class embedding).
+        self.vector_embed = nn.Linear(vector_dim, time_dim) if vector_dim else None
         self.unet = UNet2DModel(
             sample_size=image_size, in_channels=channels, out_channels=channels,
             block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
             down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_groups,
-            attention_head_dim=min(cfg.channels[-1], 32), num_class_embeds=num_labels)
+            attention_head_dim=min(cfg.channels[-1], 32), num_class_embeds=num_labels,
+            class_embed_type="identity" if vector_dim else None)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        return self.unet(x, t, class_labels=label if self.num_labels else None).sample
+    @property
+    def conditional(self) -> bool:
+        return bool(self.num_labels or self.vector_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.vector_embed is not None:
+            cond = self.vector_embed(cond.to(x.dtype))
+        return self.unet(x, t, class_labels=cond if self.conditional else None).sample
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

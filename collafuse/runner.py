@@ -87,10 +87,10 @@ def build(cfg: Config, capture: bool = False, device: torch.device | None = None
                            classes_per_client=d.classes_per_client, test_fraction=d.test_fraction, seed=cfg.seed)
     schedule = NoiseSchedule(cfg.schedule.T, cfg.schedule.kind)
     t_c = schedule.cut_level(cfg.cut)
-    num_classes = data.num_classes if cfg.client.class_cond else None
+    condition = client_condition(cfg, data)
     clients = [Client(k, data.images[s.train], data.labels[s.train], schedule=schedule, cut_level=t_c,
                       model=cfg.client.model, lr=cfg.client.lr, batch_size=cfg.client.batch_size,
-                      num_classes=num_classes, clip_norm=cfg.handoff.clip_norm, seed=cfg.seed * 1000 + k,
+                      condition=None if condition is None else condition[s.train], num_classes=data.num_classes, clip_norm=cfg.handoff.clip_norm, seed=cfg.seed * 1000 + k,
                       device=device)
                for k, s in enumerate(splits)]
     server = Server(schedule=schedule, cut_level=t_c, client_ids=[c.id for c in clients],
@@ -98,6 +98,22 @@ def build(cfg: Config, capture: bool = False, device: torch.device | None = None
                     batch_size=cfg.server.batch_size, client_cond=cfg.server.client_cond, seed=cfg.seed,
                     device=device, max_message_bytes=cfg.max_message_bytes)
     return Federation(cfg, schedule, t_c, data, splits, clients, server, Wire(capture))
+
+
+def client_condition(cfg: Config, data: ImageSet) -> torch.Tensor | None:
+    """What each client's model conditions on, per record, as configured."""
+    kind = cfg.client.condition
+    if kind == "class":
+        if data.num_classes < 2:
+            raise ValueError(f"client.condition=class, but data set {data.name!r} has no class labels; "
+                             f"use client.condition=none" + (" or attributes" if data.attributes is not None else ""))
+        return data.labels
+    if kind == "attributes":
+        if data.attributes is None:
+            raise ValueError(f"client.condition=attributes, but data set {data.name!r} has no attributes; "
+                             f"use client.condition=class or none")
+        return data.attributes
+    return None
 
 
 def views_to_send(fed: Federation, client: Client) -> int:

@@ -1,0 +1,124 @@
+"""The two roles and the in-process federation, without the measurement side."""
+import pytest
+import torch
+
+from collafuse import protocol
+from collafuse.config import load_config
+from collafuse.protocol import HandoffBatch, ProtocolError
+from collafuse.runner import build, exchange_handoffs, train_round
+
+
+def smoke(*overrides):
+    return load_config("smoke", ["rounds=1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def fed():
+    f = build(smoke(), capture=True, device=torch.device("cpu"))
+    train_round(f)
+    train_round(f)
+    return f
+
+
+def client_messages(f):
+    return [protocol.decode(blob) for direction, _, blob in f.wire.captured if direction == "up"]
+
+
+def test_leak_no_message_carries_x0_noise_or_labels(fed):
+    msgs = client_messages(fed)
+    assert msgs and all(isinstance(m, HandoffBatch) for m in msgs)
+    ab = fed.schedule.alpha_bar[fed.cut_level].item()
+    for m in msgs:
+        client = fed.clients[m.client_id]
+        x0 = client.images[m.record_ids]
+        noise = torch.stack([client._view_noise(v)[r] for r, v in zip(m.record_ids.tolist(), m.views.tolist())])
+        # Exactly the handoff of the record, and nothing else in the message.
+        assert torch.allclose(m.handoffs, ab ** 0.5 * x0 + (1 - ab) ** 0.5 * noise, atol=1e-6)
+        sent = [m.handoffs, m.record_ids.float(), m.views.float()]
+        for secret in (x0, noise):
+            for t in sent:
+                if t.numel() == secret.numel():
+                    assert not torch.allclose(t.reshape(secret.shape), secret, atol=1e-3)
+        # The handoff alone does not give x0 back (the error is the noise term).
+        assert ((m.handoffs / ab ** 0.5 - x0).abs().mean()) > 0.1
+        # Canary: had the noise been sent too, x0 would come back exactly.
+        recovered = (m.handoffs - (1 - ab) ** 0.5 * noise) / ab ** 0.5
+        assert (recovered - x0).abs().max() < 1e-5
+    # Labels never travel: no field of any message is a label vector.
+    fields = {f for m in msgs for f in vars(m)}
+    assert fields == {"client_id", "level", "record_ids", "views", "handoffs"}
+    for m in msgs:
+        labels = fed.clients[m.client_id].labels[m.record_ids]
+        assert not torch.equal(m.views, labels) or labels.unique().numel() == 1
+
+
+def test_once_mode_sends_each_record_views_times_over_the_run():
+    f = build(smoke("handoff.views=3"), device=torch.device("cpu"))
+    for _ in range(3):
+        train_round(f)
+    for c in f.clients:
+        assert all(f.server.received[(c.id, r)] == 3 for r in range(c.num_records))
+    assert f.server.num_handoffs() == 3 * sum(c.num_records for c in f.clients)
+    bytes_after = sum(f.wire.bytes_up.values())
+    train_round(f)
+    assert sum(f.wire.bytes_up.values()) == bytes_after  # nothing more is sent
+
+
+def test_fresh_mode_sends_new_views_every_round():
+    f = build(smoke("handoff.mode=fresh"), device=torch.device("cpu"))
+    train_round(f)
+    first = f.server.num_handoffs()
+    train_round(f)
+    for c in f.clients:
+        assert all(f.server.received[(c.id, r)] == 2 for r in range(c.num_records))
+    assert f.server.num_handoffs() == first  # the server trains on this round's views only
+
+
+@pytest.mark.parametrize("cut,client_trains,server_trains", [(0.0, False, True), (1.0, True, False)])
+def test_centralised_and_local_only_use_the_same_code_path(cut, client_trains, server_trains):
+    f = build(smoke(f"cut={cut}"), device=torch.device("cpu"))
+    entry = train_round(f)
+    assert (entry["loss"]["client0"] == entry["loss"]["client0"]) == client_trains  # nan when no levels
+    assert (entry["loss"]["server"] == entry["loss"]["server"]) == server_trains
+    if cut == 0.0:  # the handoff is the raw image: centralised training
+        assert f.server.num_handoffs() == sum(c.num_records for c in f.clients)
+    else:  # local-only: nothing is sent
+        assert sum(f.wire.bytes_up.values()) == 0
+
+
+def test_a_bad_message_changes_nothing_on_the_server(fed):
+    held = fed.server.num_handoffs()
+    good = fed.clients[0].make_handoffs(1, 8)[0]
+    bad = HandoffBatch(client_id=0, level=good.level, record_ids=good.record_ids, views=good.views,
+                       handoffs=torch.full_like(good.handoffs, float("inf")))
+    with pytest.raises(ProtocolError, match="handoffs: contains NaN or infinite"):
+        fed.server.ingest(fed.wire.up(bad, fed.server.limits))
+    assert fed.server.num_handoffs() == held
+
+
+def test_more_clients_than_records_is_refused():
+    with pytest.raises(ValueError, match="client"):
+        build(smoke("data.clients=700"), device=torch.device("cpu"))
+
+
+def test_server_refuses_to_train_without_handoffs():
+    f = build(smoke(), device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="holds no handoffs"):
+        f.server.train(1)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown preset 'tiny'"):
+        load_config("tiny")
+    with pytest.raises(ValueError, match="unknown config key 'server.lrate'; valid keys here: .*lr"):
+        load_config("smoke", ["server.lrate=1"])
+    with pytest.raises(ValueError, match=r"cut must be in \[0, 1\]"):
+        load_config("smoke", ["cut=1.5"])
+    with pytest.raises(ValueError, match="T must be an integer >= 2"):
+        load_config("smoke", ["schedule.T=1"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        load_config("smoke", ["cut"])
+    with pytest.raises(ValueError, match="handoff.mode 'twice' is unknown"):
+        load_config("smoke", ["handoff.mode=twice"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config("missing.toml")
