@@ -7,6 +7,7 @@ Images are (N, C, H, W) in [-1, 1].
 """
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,21 +31,20 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-record SSIM between image batches in [-1, 1]; the Gaussian window shrinks to fit small images."""
+    """Per-record SSIM (Gaussian window, sigma 1.5) between image batches in [-1, 1], computed on [0, 1]."""
     _check_pair(a, b)
-    side = min(a.shape[-2:])
-    kernel = min(11, side if side % 2 else side - 1)  # odd, at most the image side (8 for digits -> 7)
-    if kernel < 3:
-        raise ValueError(f"ssim needs images of at least 3x3 pixels, got {tuple(a.shape[-2:])}")
+    if min(a.shape[-2:]) < 6:  # the 11-tap window is reflection-padded by 5 pixels
+        raise ValueError(f"ssim needs images of at least 6x6 pixels, got {tuple(a.shape[-2:])}")
+    # SSIM's luminance term assumes non-negative intensities: on [-1, 1], x and -x would score as similar
     return structural_similarity_index_measure(
-        a.float(), b.float(), data_range=2.0, kernel_size=kernel, reduction="none"
+        (a.float() + 1) / 2, (b.float() + 1) / 2, data_range=1.0, reduction="none"
     )
 
 
 def reconstruct(
     handoffs: torch.Tensor, t_c: int, alpha_bar: torch.Tensor, eps_fn: EpsFn | None = None
 ) -> torch.Tensor:
-    """Server's estimate of x0 from handoffs: Tweedie with its denoiser, else y / sqrt(alpha_bar); clamped to [-1, 1]."""
+    """Server's estimate of x0 from handoffs: Tweedie with its denoiser, else y / sqrt(ab); clamped to [-1, 1]."""
     ab = _alpha_bar_at(alpha_bar, t_c)
     y = handoffs
     if eps_fn is not None and t_c > 0:
@@ -190,11 +190,23 @@ def mia_metrics(
 
 
 def distribution_disclosure(
-    handoffs: torch.Tensor, images: torch.Tensor, extractor: nn.Module, *, subsets: int = 50, seed: int = 0
+    handoffs: torch.Tensor,
+    images: torch.Tensor,
+    extractor: nn.Module,
+    *,
+    subsets: int = 50,
+    subset_size: int = 1000,
+    seed: int = 0,
 ) -> dict:
-    """The paper's distribution-level numbers: KID (features by `extractor`) and MSE between handoffs and images."""
+    """The paper's distribution-level numbers: KID (features by `extractor`) and MSE between handoffs and images.
+
+    Handoffs and images are paired (record i made handoff i), as in the paper; KID of a set against
+    itself (c = 0) is slightly negative, the unbiased estimator's value for shared samples.
+    """
     _check_pair(handoffs, images)
-    kid = KernelInceptionDistance(feature=extractor, subsets=subsets, subset_size=min(1000, images.shape[0]))
+    with warnings.catch_warnings():  # its "features kept in memory" notice on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=extractor, subsets=subsets, subset_size=min(subset_size, images.shape[0]))
     with torch.no_grad():
         kid.update(images, real=True)
         kid.update(handoffs, real=False)
@@ -221,4 +233,6 @@ def _alpha_bar_at(alpha_bar: torch.Tensor, t_c: int) -> float:
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"expected two (N, C, H, W) batches of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"expected two (N, C, H, W) batches of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )

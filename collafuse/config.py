@@ -89,22 +89,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-PRESETS: dict[str, dict] = {
-    # The fastest end-to-end run: sklearn's 8x8 digits, 3 clients, tiny models (tests use it).
-    "smoke": {
-        "rounds": 2, "schedule": {"T": 100},
-        "data": {"name": "digits", "image_size": 8, "clients": 3, "partition": "dirichlet", "alpha": 1.0,
-                 "max_records": 600},
-        "server": {"model": {"channels": [16, 32], "attention": False}, "steps_per_round": 15,
-                   "batch_size": 32},
-        "client": {"model": {"channels": [8, 16], "attention": False}, "steps_per_round": 10,
-                   "batch_size": 32},
-        "sampling": {"n": 32, "server_steps": 10, "client_steps": 5},
-        "eval": {"classifier_epochs": 2},
-    },
-    # The README demo: 5,000 MNIST digits at 16 px over 5 non-IID clients, the paper's c = 0.2.
-    "default": {},
-}
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def presets() -> list[str]:
+    """Names of the shipped presets (collafuse/presets/*.toml)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -154,16 +144,14 @@ def parse_set(assignments: list[str]) -> dict:
 def load_config(source: str | None = "default", overrides: list[str] | None = None) -> Config:
     """Resolve a preset name or a TOML/JSON file, then apply `key=value` overrides."""
     source = source or "default"
-    if source in PRESETS:
-        values = PRESETS[source]
-    elif Path(source).suffix in (".toml", ".json"):
-        path = Path(source)
+    path = PRESET_DIR / f"{source}.toml" if source in presets() else Path(source)
+    if path.suffix in (".toml", ".json"):
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         text = path.read_text()
         values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     else:
-        raise ValueError(f"unknown preset {source!r}; use one of {', '.join(PRESETS)} or a .toml/.json file")
+        raise ValueError(f"unknown preset {source!r}; use one of {', '.join(presets())} or a .toml/.json file")
     values = _merge(values, parse_set(overrides or []))
     cfg = _build(Config, values)
     validate(cfg)

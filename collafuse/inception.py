@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -88,13 +89,21 @@ class InceptionFeatures(nn.Module):
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"inception features need images (N, 1 or 3, H, W), got shape {tuple(x.shape)}")
         x = x.float().expand(-1, 3, -1, -1)  # grey -> RGB by replication
-        # Resize in [0, 1] as fid-helper does, then map onto the TF graph's input range; out-of-range pixels clip.
-        x = ((x.clamp(-1, 1) + 1) / 2)
-        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False,
-                              antialias=min(x.shape[-2:]) > INCEPTION_SIZE)
+        # Resize in [0, 1] as fid-helper does, then map onto the graph's input range; out-of-range pixels clip.
+        x = _tf_resize((x.clamp(-1, 1) + 1) / 2, INCEPTION_SIZE)
         lo, hi = TF_INPUT_RANGE
         return self.net(x * (hi - lo) + lo).double()
+
+
+def _tf_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize as TF1's resize_bilinear (the reference FID's): source pixel = j * in / out, edges held."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    j = torch.arange(size, dtype=x.dtype, device=x.device)
+    gy, gx = (2 * j * h / size + 1) / h - 1, (2 * j * w / size + 1) / w - 1  # pixel index -> grid_sample's [-1, 1]
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1).expand(len(x), -1, -1, -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def load_inception(cache_dir: str | os.PathLike | None = None) -> InceptionFeatures:
@@ -106,4 +115,7 @@ def load_inception(cache_dir: str | os.PathLike | None = None) -> InceptionFeatu
     if digest != INCEPTION_SHA256:
         raise ValueError(f"Inception weights at {path} have SHA-256 {digest}, expected {INCEPTION_SHA256}; "
                          f"delete the file and {FETCH_HINT}")
-    return InceptionFeatures(torch.jit.load(str(path), map_location="cpu"))
+    with warnings.catch_warnings():  # the file is TorchScript: torch.jit.load is the only way to read it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        net = torch.jit.load(str(path), map_location="cpu")
+    return InceptionFeatures(net)

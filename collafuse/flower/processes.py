@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ FLOWER_ENV = {
 }
 CONNECTION = "collafuse"  # name of the SuperLink connection in $FLWR_HOME/config.toml
 _NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
+_RUN_ID_LINE = re.compile(r"Successfully started run (\d+)")
 _POLL_S = 0.2
 
 ConfigValue = str | int | float | bool
@@ -121,11 +123,19 @@ class FlowerProcess:
 
 @dataclass(frozen=True)
 class FlowerRun:
-    """The outcome of one `flwr run`."""
+    """The outcome of one `flwr run`, with the run's final status as the SuperLink reports it."""
 
-    returncode: int
-    output: str
-    wall_s: float
+    run_id: int
+    status: str  # "finished:completed", "finished:failed", "finished:stopped"
+    status_details: str
+    inbound_bytes: int  # SuperLink's count of the run's network traffic
+    outbound_bytes: int
+    output: str  # what `flwr run --stream` printed: the ServerApp's logs
+    wall_s: float  # submit to end of the log stream
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
 
 
 def start_process(name: str, command: list[str], log_path: Path, env: Mapping[str, str]) -> FlowerProcess:
@@ -231,6 +241,7 @@ class LocalFederation:
         """Register a SuperNode's public key with the SuperLink (`flwr supernode register`); return its node id."""
         if not Path(public_key).is_file():
             raise FileNotFoundError(f"public key {public_key} not found; create keys with `collafuse flower certs`.")
+        self._require_superlink()
         result = self._flwr(["supernode", "register", str(public_key), CONNECTION, "--format", "json"], timeout=60)
         try:
             return int(json.loads(result.stdout[result.stdout.index("{") :])["node-id"])
@@ -248,11 +259,11 @@ class LocalFederation:
         wait: bool = True,
     ) -> FlowerProcess:
         """Start a SuperNode with its own runtime port and FLWR_HOME; with `wait`, block until it is connected."""
-        self._require_superlink()
         if self.simulation:
             raise ValueError("simulation=True: simulated nodes run inside the SuperLink; start no SuperNodes.")
         if self.certs is not None and private_key is None:
             raise ValueError("private_key is None but SuperNode authentication is on; pass the node's .key file.")
+        self._require_superlink()
         index = len(self.supernodes)
         home = self.workdir / "supernodes" / str(index)
         command = [
@@ -296,31 +307,58 @@ class LocalFederation:
         run_config: Mapping[str, ConfigValue] | None = None,
         federation_config: Mapping[str, ConfigValue] | None = None,
         timeout: float = 600.0,
+        check: bool = True,
     ) -> FlowerRun:
-        """`flwr run <app_dir> collafuse --stream`: submit the app, stream its logs until it ends."""
-        self._require_superlink()
+        """`flwr run <app_dir> collafuse --stream` until the run ends; with `check`, raise unless it completed."""
         app_dir = Path(app_dir).resolve()
         if not (app_dir / "pyproject.toml").is_file():
             raise FileNotFoundError(f"{app_dir}/pyproject.toml not found; app_dir must be a Flower app folder.")
+        if federation_config and not self.simulation:
+            raise ValueError("federation_config is for simulation (e.g. num-supernodes); start with simulation=True.")
+        self._require_superlink()
         command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         if run_config:
             command += ["--run-config", format_config(run_config)]
         if federation_config:
-            if not self.simulation:
-                raise ValueError("federation_config is for simulation (e.g. num-supernodes); start with simulation=True.")
             command += ["--federation-config", format_config(federation_config)]
         self._runs += 1
         process = start_process(f"run-{self._runs}", command, self.workdir / "logs" / f"run-{self._runs}.log", self.env)
         start = time.monotonic()
         try:
-            returncode = process.popen.wait(timeout=timeout)
+            process.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.stop()
             raise FlowerProcessError(
                 f"`flwr run {app_dir}` did not finish within {timeout:.0f} s; raise timeout or check the "
                 f"ServerApp. Log tail:\n{process.log_tail()}"
             ) from None
-        return FlowerRun(returncode, process.log_path.read_text(errors="replace"), time.monotonic() - start)
+        wall_s = time.monotonic() - start
+        output = process.log_path.read_text(errors="replace")
+        if not (match := _RUN_ID_LINE.search(output)):
+            raise FlowerProcessError(f"`flwr run {app_dir}` did not start a run. Log tail:\n{process.log_tail()}")
+        run = self._finished_run(int(match.group(1)), output, wall_s)
+        # `flwr run --stream` exits 0 even when the ServerApp raised: the run status is the truth.
+        if check and not run.completed:
+            raise FlowerProcessError(
+                f"run {run.run_id} ended as {run.status}: {run.status_details}. Log tail:\n{process.log_tail()}"
+            )
+        return run
+
+    def _finished_run(self, run_id: int, output: str, wall_s: float) -> FlowerRun:
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            result = self._flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], timeout=60)
+            try:
+                info = json.loads(result.stdout[result.stdout.index("{") :])["runs"][0]
+            except (ValueError, KeyError, IndexError) as err:
+                raise FlowerProcessError(f"`flwr ls --run-id {run_id}` failed:\n{result.stdout}{result.stderr}") from err
+            if info["status"].startswith("finished") or time.monotonic() > deadline:
+                traffic = info.get("network-traffic", {})
+                return FlowerRun(
+                    run_id, info["status"], info.get("status-details", ""), int(traffic.get("inbound-bytes", 0)),
+                    int(traffic.get("outbound-bytes", 0)), output, wall_s,
+                )  # fmt: skip
+            time.sleep(1.0)
 
     def stop(self) -> None:
         """Stop every SuperNode, then the SuperLink (each with all its descendants)."""
@@ -341,7 +379,7 @@ class LocalFederation:
 
     def _wait_for_health(self, process: FlowerProcess) -> None:
         scheme = "http" if self.certs is None else "https"
-        verify: str | bool = str(self.certs.ca_cert) if self.certs else False
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.certs.ca_cert) if self.certs else False
         deadline = time.monotonic() + self.ready_timeout
         with httpx.Client(verify=verify, timeout=1.0) as client:
             while True:
