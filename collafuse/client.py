@@ -34,7 +34,7 @@ class Client:
         vector = condition is not None and condition.dim() == 2
         self.model = Denoiser(model, images.shape[-1], images.shape[1],
                               num_labels=num_classes if condition is not None and not vector else None,
-                              vector_dim=condition.shape[1] if vector else None).to(self.device)
+                              vector_dim=condition.shape[1] if vector else None, seed=seed).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.gen = torch.Generator().manual_seed(seed)
         # The secret behind every handoff; it never leaves the client.

@@ -69,6 +69,10 @@ class SamplingConfig:
 class EvalConfig:
     extractor: str = "domain"
     classifier_epochs: int = 4
+    disclosure: bool = True  # the attacks of collafuse.measure after sampling; off for quick runs
+    disclosure_records: int = 200  # per client: members and held-out non-members each attacked
+    mia_draws: int = 2  # seeded noise draws per level in the membership scores
+    dp_delta: float = 1e-5  # the delta of the per-record (epsilon, delta)
 
 
 @dataclass
@@ -168,7 +172,7 @@ def validate(cfg: Config) -> None:
     if cfg.handoff.mode not in ("once", "fresh"):
         raise ValueError(f"handoff.mode {cfg.handoff.mode!r} is unknown; choose once or fresh")
     for key in ("rounds", "handoff.views", "handoff.batch", "data.clients", "server.batch_size",
-                "client.batch_size", "sampling.n"):
+                "client.batch_size", "sampling.n", "eval.disclosure_records", "eval.mia_draws"):
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
         if not isinstance(value, int) or value < 1:

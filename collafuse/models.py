@@ -31,7 +31,7 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, image_size: int, channels: int, num_labels: int | None = None,
-                 vector_dim: int | None = None):
+                 vector_dim: int | None = None, seed: int = 0):
         super().__init__()
         depth = len(cfg.channels)
         if image_size % 2 ** (depth - 1):
@@ -49,14 +49,16 @@ class Denoiser(nn.Module):
             raise ValueError("a denoiser conditions on labels or on vectors, not both")
         self.num_labels, self.vector_dim = num_labels, vector_dim
         time_dim = cfg.channels[0] * 4  # UNet2DModel's time-embedding width
-        # A vector is projected to the time-embedding width and added to it ("identity" class embedding).
-        self.vector_embed = nn.Linear(vector_dim, time_dim) if vector_dim else None
-        self.unet = UNet2DModel(
-            sample_size=image_size, in_channels=channels, out_channels=channels,
-            block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
-            down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_groups,
-            attention_head_dim=min(cfg.channels[-1], 32), num_class_embeds=num_labels,
-            class_embed_type="identity" if vector_dim else None)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's RNG untouched
+            torch.manual_seed(seed)
+            # A vector is projected to the time-embedding width and added to it ("identity" class embedding).
+            self.vector_embed = nn.Linear(vector_dim, time_dim) if vector_dim else None
+            self.unet = UNet2DModel(
+                sample_size=image_size, in_channels=channels, out_channels=channels,
+                block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
+                down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_groups,
+                attention_head_dim=min(cfg.channels[-1], 32), num_class_embeds=num_labels,
+                class_embed_type="identity" if vector_dim else None)
 
     @property
     def conditional(self) -> bool:

@@ -39,6 +39,7 @@ class DomainClassifier(nn.Module):
 
     def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int, width: int = 16,
                  num_features: int = 32):
+        # 32-d: FID estimates a d x d covariance, so it needs clearly more than d images per set (64+ here).
         super().__init__()
         self.in_channels, self.image_size, self.num_classes = in_channels, tuple(image_size), num_classes
         self.width, self.num_features = width, num_features
@@ -169,6 +170,10 @@ def feature_extractor(name: str, *, classifier: DomainClassifier | None = None,
 class _Precomputed(nn.Module):
     """Pass-through `feature=` module: features are extracted once and shared by FID and KID."""
 
+    # torchmetrics 1.9 hands a custom `feature=` module the update() input untouched (no uint8 cast: `normalize`
+    # only matters for its built-in Inception); FID sums features in float64 but returns its result in the
+    # features' dtype, and KID keeps the features' dtype, so float64 features keep both in float64.
+
     def __init__(self, num_features: int):
         super().__init__()
         self.num_features = num_features
@@ -202,7 +207,7 @@ def evaluate_quality(samples: torch.Tensor, reference: torch.Tensor, *, extracto
         raise ValueError(f"kid_subset_size must be an integer in [2, {min(n_s, n_r)}] (the smaller set's size), "
                          f"got {kid_subset_size!r}")
     device = _device(device)
-    extractor = extractor.to(device).eval()
+    extractor = extractor.to(device).eval()  # the extractor (and classifier) stay on `device` afterwards
     fake, real = _extract(extractor, samples, device, batch_size), _extract(extractor, reference, device, batch_size)
     d = fake.shape[1]
 

@@ -26,7 +26,7 @@ class Server:
         self.client_cond = client_cond
         # Client ids index the label embedding: the server personalises without seeing any class.
         self.model = Denoiser(model, image_shape[-1], image_shape[0],
-                              max(self.client_ids) + 1 if client_cond else None).to(self.device)
+                              max(self.client_ids) + 1 if client_cond else None, seed=seed).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.gen = torch.Generator().manual_seed(seed + 104729)
         self.limits = Limits(known_clients=frozenset(self.client_ids), image_shape=self.image_shape,
@@ -53,6 +53,10 @@ class Server:
         """Drop a client's handoffs (fresh mode replaces them every round)."""
         self._store = {k: v for k, v in self._store.items() if k[0] != client_id}
         self._pool = None
+
+    def held_handoffs(self, client_id: int) -> dict[tuple[int, int], torch.Tensor]:
+        """The handoffs held from one client, keyed (record, view): all an attacker on this server has of it."""
+        return {(r, v): y for (c, r, v), y in self._store.items() if c == client_id}
 
     def num_handoffs(self, client_id: int | None = None) -> int:
         return sum(1 for k in self._store if client_id is None or k[0] == client_id)

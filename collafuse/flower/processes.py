@@ -154,9 +154,10 @@ def stop_process_tree(popen: subprocess.Popen, timeout: float = 5.0) -> None:
     # Collected while the parents live: the SuperLink starts its SuperExec in a new session,
     # so signalling the SuperLink's process group alone would miss it.
     descendants = _descendants(popen.pid)
-    # The root first, so it can stop and reap its own children (an orphan may stay a zombie here).
-    _signal_group(popen.pid, signal.SIGTERM)
+    # The root alone first, so it stops and reaps its own children (an orphan can stay a zombie).
+    _signal([popen.pid], signal.SIGTERM)
     _wait_gone([popen.pid], popen, timeout)
+    _signal_group(popen.pid, signal.SIGTERM)
     _signal(descendants, signal.SIGTERM)
     _wait_gone(descendants, popen, timeout)
     _signal_group(popen.pid, signal.SIGKILL)
