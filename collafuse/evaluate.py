@@ -20,6 +20,36 @@ def own_classes(labels: torch.Tensor, num_classes: int) -> list[int]:
     return [k for k in range(num_classes) if counts[k] >= OWN_CLASS_MIN_SHARE * len(labels)]
 
 
+def domain_labels(fed) -> tuple[str, torch.Tensor, torch.Tensor, int] | None:
+    """What the evaluator's classifier learns to tell apart: (kind, record ids, labels, count), or None.
+
+    Classes where every record has one. Otherwise (CelebA: labels all -1, 40 attributes) the client
+    that holds each record: it exists for every partition and needs no download, and under the
+    attribute-group and natural-id partitions the clients are the very domains per-client FID must
+    separate. One chosen attribute would favour one client's group and ignore the rest. Under an IID
+    partition client ids carry no signal, so the features are little better than an untrained CNN's.
+    The evaluator sees all clients' images anyway: this is measurement, not part of the protocol.
+    """
+    data, train = fed.data, [s.train for s in fed.splits]
+    idx = torch.cat(train)
+    if bool((data.labels >= 0).all()) and data.num_classes > 1:
+        return "class", idx, data.labels[idx], data.num_classes
+    if len(train) < 2:
+        return None
+    owner = torch.cat([torch.full((len(t),), k, dtype=torch.long) for k, t in enumerate(train)])
+    return "client", idx, owner, len(train)
+
+
+def own_targets(fed, client: Client, domain) -> list[int] | None:
+    """The classifier outputs that count as this client's own, where that share means something."""
+    if domain is None:
+        return None
+    if domain[0] == "class":
+        return own_classes(client.labels, fed.data.num_classes)
+    # A sample classified as its own client's domain is personalised, but only if clients differ by design.
+    return [client.id] if fed.cfg.data.partition in ("attribute", "natural") else None
+
+
 def split_sample(fed, client: Client, n: int, *, server_steps: int, client_steps: int, sampler: str,
                  seed: int) -> torch.Tensor:
     """The whole sampling exchange for one client: request, server levels, handoffs back, client levels."""
@@ -37,16 +67,17 @@ def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
     """Per-client samples (a grid each) and quality against the client's held-out images; metrics dict."""
     from .runner import report_up
     cfg, data = fed.cfg, fed.data
-    has_labels = bool((data.labels >= 0).all()) and data.num_classes > 1
+    domain = domain_labels(fed)
+    has_labels = domain is not None and domain[0] == "class"
     classifier = None
-    if has_labels:
-        train_idx = torch.cat([s.train for s in fed.splits])
-        classifier = train_domain_classifier(data.images[train_idx], data.labels[train_idx],
-                                             num_classes=data.num_classes, seed=cfg.seed,
+    if domain is not None:
+        _, train_idx, labels, num_labels = domain
+        classifier = train_domain_classifier(data.images[train_idx], labels, num_classes=num_labels, seed=cfg.seed,
                                              epochs=cfg.eval.classifier_epochs)
     elif cfg.eval.extractor == "domain":
-        raise ValueError(f"data set {data.name!r} has no class labels, so there is no domain classifier to give "
-                         f"FID features; set eval.extractor=inception")
+        raise ValueError(f"data set {data.name!r} has no class labels and the run has a single client, so the "
+                         f"domain classifier has nothing to learn for FID features; use data.clients >= 2 or "
+                         f"set eval.extractor=inception")
     extractor = feature_extractor(cfg.eval.extractor, classifier=classifier)
     per_client = {}
     s = cfg.sampling
@@ -54,10 +85,12 @@ def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
         images = split_sample(fed, client, s.n, server_steps=s.server_steps, client_steps=s.client_steps,
                               sampler=s.sampler, seed=cfg.seed * 7 + client.id)
         save_grid(images, out / f"samples_client{client.id}.png")
-        quality = evaluate_quality(images, data.images[split.test], extractor=extractor, classifier=classifier,
-                                   client_classes=own_classes(client.labels, data.num_classes) if has_labels
-                                   else None)
+        own = own_targets(fed, client, domain)
+        quality = evaluate_quality(images, data.images[split.test], extractor=extractor,
+                                   classifier=classifier if own is not None else None, client_classes=own)
         numbers = {k: float(v) for k, v in quality.items() if isinstance(v, (int, float))}
+        if domain is not None and domain[0] == "client" and "own_class_share" in numbers:
+            numbers["own_client_share"] = numbers.pop("own_class_share")  # classes here are clients
         per_client[str(client.id)] = {
             **report_up(fed, client, numbers),
             "n_train": client.num_records, "n_test": len(split.test),
@@ -71,7 +104,8 @@ def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
         "schema": 1,
         "cut": cfg.cut, "cut_level": fed.cut_level, "T": cfg.schedule.T, "rounds": fed.round,
         "handoff_mode": cfg.handoff.mode, "views": cfg.handoff.views,
-        "quality": {"extractor": cfg.eval.extractor, "n_samples": s.n, "sampler": s.sampler,
+        "quality": {"extractor": cfg.eval.extractor, "domain_labels": domain[0] if domain else None,
+                    "n_samples": s.n, "sampler": s.sampler,
                     "server_steps": s.server_steps, "client_steps": s.client_steps},
         "clients": per_client,
         "server": {"train_seconds": fed.seconds["server.train"], "sample_seconds": fed.seconds["server.sample"],

@@ -122,18 +122,24 @@ def _fit(model: DomainClassifier, images: torch.Tensor, labels: torch.Tensor, tr
     x, y = images.to(device).float(), labels.to(device)
     batch, n = training["batch"], len(x)
     opt = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
-    steps = training["epochs"] * -(-n // batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=training["lr"], total_steps=steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=training["lr"],
+                                                   total_steps=training["epochs"] * -(-n // batch))
     gen = torch.Generator().manual_seed(training["seed"])
-    for _ in range(training["epochs"]):
-        order = torch.randperm(n, generator=gen).to(device)
-        for i in range(0, n, batch):
-            idx = order[i:i + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # convs this small gain nothing from threads; on busy cores OpenMP makes them 10x slower
+        torch.set_num_threads(1)
+    try:
+        for _ in range(training["epochs"]):
+            order = torch.randperm(n, generator=gen).to(device)
+            for i in range(0, n, batch):
+                idx = order[i:i + batch]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.inference_mode():
         f = torch.cat([model.body(x[i:i + 1024]) for i in range(0, n, 1024)])

@@ -220,6 +220,8 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = 
             log.flush()
             bar.set_postfix({k: f"{v:.3f}" for k, v in entry["loss"].items() if v == v})
     metrics = evaluate(fed, out, progress=progress)
+    from .measure import measure  # the disclosure, cost and DP blocks (docs/metrics.md)
+    metrics.update(measure(fed))
     metrics["wall_seconds"] = time.perf_counter() - wall
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics, fed

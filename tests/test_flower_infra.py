@@ -119,7 +119,8 @@ def test_certificates_chain_sans_and_node_keys(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"n_nodes": -1}, "n_nodes"), ({"n_nodes": 1, "hosts": ()}, "hosts"), ({"n_nodes": 1, "valid_days": 0}, "valid_days")],
+    [({"n_nodes": -1}, "n_nodes"), ({"n_nodes": 1, "hosts": ()}, "hosts"),
+     ({"n_nodes": 1, "valid_days": 0}, "valid_days")],
 )
 def test_certificates_reject_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -171,7 +172,7 @@ def test_local_federation_argument_errors(tmp_path):
         LocalFederation(tmp_path, insecure=True, simulation=True).start_supernode({"client-id": 0})
 
 
-def test_tls_federation_runs_app_refuses_unregistered_node_and_stops_everything(tmp_path):
+def test_tls_federation_refuses_stranger_survives_restart_runs_app_and_stops_everything(tmp_path):
     certs = make_certificates(tmp_path / "certs", n_nodes=2)
     app = write_echo_app(tmp_path)
     data_path = tmp_path / "client 0"  # a space, to prove node-config quoting
@@ -180,24 +181,29 @@ def test_tls_federation_runs_app_refuses_unregistered_node_and_stops_everything(
         with pytest.raises(ValueError, match="already started"):
             fed.start_superlink()
         node_id = fed.register_node(certs.node_public_keys[0])
-        node = fed.start_supernode({"client-id": 0, "data-path": str(data_path)}, private_key=certs.node_private_keys[0])
+        node = fed.start_supernode({"client-id": 0, "data-path": str(data_path)},
+                                   private_key=certs.node_private_keys[0])
         assert fed.wait_for_supernode(node) == node_id
 
-        stranger = fed.start_supernode({"client-id": 1, "data-path": "x"}, private_key=certs.node_private_keys[1], wait=False)
+        stranger = fed.start_supernode({"client-id": 1, "data-path": "x"}, private_key=certs.node_private_keys[1],
+                                       wait=False)
         with pytest.raises(FlowerProcessError, match="did not connect"):
             fed.wait_for_supernode(stranger, timeout=0.0)
         with pytest.raises(FlowerProcessError, match="Failed to activate SuperNode"):
             fed.wait_for_supernode(stranger)
         assert stranger.popen.returncode == 1
         assert "ApiError:2004" in fed.superlink.log_path.read_text()
+        assert node.is_running()
 
+        fed.restart_superlink()  # same port and database: the registered node reconnects by itself
         run = fed.run_app(app, run_config={"out-path": str(tmp_path / "out.json")}, timeout=120)
         out = json.loads((tmp_path / "out.json").read_text())
         assert out["replies"] == {
             str(node_id): {"sha256": out["sent-sha256"], "n-bytes": PAYLOAD_BYTES, "client-id": 0,
                            "data-path": str(data_path)}
         }
-        assert out["sent-sha256"] == hashlib.sha256(hashlib.sha256(b"seed").digest() * (PAYLOAD_BYTES // 32)).hexdigest()
+        sent = hashlib.sha256(b"seed").digest() * (PAYLOAD_BYTES // 32)
+        assert out["sent-sha256"] == hashlib.sha256(sent).hexdigest()
         assert run.completed and run.outbound_bytes + run.inbound_bytes > PAYLOAD_BYTES
 
         with pytest.raises(FlowerProcessError, match="finished:failed.*failure requested by the test"):

@@ -90,9 +90,9 @@ def make_certificates(
         node_private_keys=tuple(out / "nodes" / f"node-{k}.key" for k in range(n_nodes)),
         node_public_keys=tuple(out / "nodes" / f"node-{k}.pub" for k in range(n_nodes)),
     )
-    _write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(paths.ca_key, _pem_key(ca_key))
-    _write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    paths.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(paths.server_key, _pem_key(server_key))
     for private_path, public_path in zip(paths.node_private_keys, paths.node_public_keys):
         # Flower 1.42 reads SuperNode keys in OpenSSH format and accepts NIST curves; P-384 is its example.
@@ -103,9 +103,8 @@ def make_certificates(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
             ),
         )
-        _write(
-            public_path,
-            node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+        public_path.write_bytes(
+            node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         )
     return paths
 
@@ -143,10 +142,6 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
 
 
 def _write_private(path: Path, data: bytes) -> None:

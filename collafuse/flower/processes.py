@@ -100,6 +100,7 @@ class FlowerProcess:
 
     @property
     def pid(self) -> int:
+        """The process id (also its process group id)."""
         return self.popen.pid
 
     def is_running(self) -> bool:
@@ -135,6 +136,7 @@ class FlowerRun:
 
     @property
     def completed(self) -> bool:
+        """True if the ServerApp ran to its end without raising."""
         return self.status == "finished:completed"
 
 
@@ -203,6 +205,7 @@ class LocalFederation:
         self.superlink: FlowerProcess | None = None
         self.supernodes: list[FlowerProcess] = []
         self._runs = 0
+        self._superlink_starts = 0
         self.address = ""
 
     def __enter__(self) -> LocalFederation:
@@ -214,11 +217,21 @@ class LocalFederation:
     def start_superlink(self) -> str:
         """Start the SuperLink on a free port, wait until it answers, write the CLI connection; return host:port."""
         if self.superlink is not None:
-            raise ValueError("the SuperLink is already started; use one LocalFederation per SuperLink.")
-        port = free_port(self.host)
-        self.address = f"{self.host}:{port}"
+            raise ValueError("the SuperLink is already started; use restart_superlink() to restart it.")
+        self.address = f"{self.host}:{free_port(self.host)}"
+        write_connection(self.flwr_home, self.address, root_certificates=self.certs and self.certs.ca_cert)
+        self._launch_superlink()
+        return self.address
+
+    def restart_superlink(self) -> None:
+        """Stop the SuperLink and start it again on the same port and database; SuperNodes reconnect by themselves."""
+        self._require_superlink()
+        self.superlink.stop()
+        self._launch_superlink()
+
+    def _launch_superlink(self) -> None:
         command = [
-            _bin("flower-superlink"), "--host", self.host, "--port", str(port),
+            _bin("flower-superlink"), "--host", self.host, "--port", self.address.rsplit(":", 1)[1],
             "--disable-runtime-dependency-installation",
             "--database", str(self.workdir / "superlink.db"),  # a restarted SuperLink keeps its nodes and runs
         ]  # fmt: skip
@@ -233,10 +246,10 @@ class LocalFederation:
                 command.append("--enable-supernode-auth")
         if self.simulation:
             command.append("--simulation")
-        self.superlink = start_process("superlink", command, self.workdir / "logs" / "superlink.log", self.env)
-        write_connection(self.flwr_home, self.address, root_certificates=self.certs and self.certs.ca_cert)
+        self._superlink_starts += 1
+        log_path = self.workdir / "logs" / f"superlink-{self._superlink_starts}.log"
+        self.superlink = start_process("superlink", command, log_path, self.env)
         self._wait_for_health(self.superlink)
-        return self.address
 
     def register_node(self, public_key: str | Path) -> int:
         """Register a SuperNode's public key with the SuperLink (`flwr supernode register`); return its node id."""
@@ -275,7 +288,8 @@ class LocalFederation:
         if self.certs is None:
             command.append("--insecure")
         else:
-            command += ["--root-certificates", str(self.certs.ca_cert), "--auth-supernode-private-key", str(private_key)]
+            command += ["--root-certificates", str(self.certs.ca_cert)]
+            command += ["--auth-supernode-private-key", str(private_key)]
         env = flower_env(home / "flwr-home")  # like a separate machine: its own FAB installs
         process = start_process(f"supernode-{index}", command, self.workdir / "logs" / f"supernode-{index}.log", env)
         self.supernodes.append(process)
@@ -287,7 +301,8 @@ class LocalFederation:
         """Block until the SuperNode logs its node id (it is connected and activated); return the id."""
         deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
         while True:
-            if process.log_path.exists() and (match := _NODE_ID_LINE.search(process.log_path.read_text(errors="replace"))):
+            log = process.log_path.read_text(errors="replace") if process.log_path.exists() else ""
+            if match := _NODE_ID_LINE.search(log):
                 return int(match.group(1))
             if not process.is_running():
                 raise FlowerProcessError(
@@ -352,7 +367,9 @@ class LocalFederation:
             try:
                 info = json.loads(result.stdout[result.stdout.index("{") :])["runs"][0]
             except (ValueError, KeyError, IndexError) as err:
-                raise FlowerProcessError(f"`flwr ls --run-id {run_id}` failed:\n{result.stdout}{result.stderr}") from err
+                raise FlowerProcessError(
+                    f"`flwr ls --run-id {run_id}` failed:\n{result.stdout}{result.stderr}"
+                ) from err
             if info["status"].startswith("finished") or time.monotonic() > deadline:
                 traffic = info.get("network-traffic", {})
                 return FlowerRun(
