@@ -88,5 +88,52 @@ def sample(run_dir: Path = typer.Option(..., "--run", help="A finished or checkp
                            "bytes_down": fed.wire.bytes_down[client]}))
 
 
+@app.command()
+def sweep(cuts: str = typer.Option("0,0.2,0.4,0.6,0.8,1", "--cuts", help="Comma-separated cut ratios in [0, 1]."),
+          config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset (smoke, default) or a .toml/.json file."),
+          set_: list[str] = typer.Option([], "--set", "-s", help="Override a key for every run, e.g. --set rounds=4."),
+          baselines: str = typer.Option("", "--baselines", help="Extra runs: fresh (handoff.mode=fresh at the config's cut), fedavg."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweep-<preset>)."),
+          resume: bool = typer.Option(False, "--resume", help="Continue unfinished runs; finished ones are always skipped."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """One run per cut (and per baseline) on the same data and budget, then the report."""
+    from .config import load_config
+    from .sweep import parse_baselines, parse_cuts
+    from .sweep import sweep as run_sweep
+    try:
+        cut_list, names = parse_cuts(cuts), parse_baselines(baselines)
+        cfg = load_config(config, set_)
+        out = out or Path("runs") / f"sweep-{Path(config or 'default').stem}"
+        run_sweep(cfg, cut_list, names, out, resume=resume, progress=not quiet)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+    typer.echo(f"report: {out / 'report' / 'report.md'}")
+
+
+@app.command()
+def report(run_dirs: list[Path] = typer.Argument(None, help="Finished run folders (each with metrics.json)."),
+           out: Path = typer.Option(Path("report"), "--out", "-o", help="Report folder.")):
+    """Rebuild a report (report.md, tables, plots, sample grids) from run folders."""
+    from .report import write_report
+    try:
+        path = write_report(run_dirs or [], out)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"report: {path}")
+
+
+@app.command("fetch-weights")
+def fetch_weights(name: str = typer.Argument(..., help="Which weights: inception.")):
+    """Fetch and cache feature-extractor weights (needs network once; runs never download)."""
+    from .inception import fetch_inception
+    try:
+        if name != "inception":
+            raise ValueError(f"unknown weights {name!r}; the only fetchable weights are: inception")
+        path = fetch_inception()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    typer.echo(f"inception weights: {path}")
+
+
 if __name__ == "__main__":
     app()

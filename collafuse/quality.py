@@ -88,7 +88,8 @@ def train_domain_classifier(images: torch.Tensor, labels, *, num_classes: int, s
     labels = torch.as_tensor(np.asarray(labels)).long().flatten()
     n, c, h, w = images.shape
     if c not in (1, 3) or min(h, w) < 8:
-        raise ValueError(f"images must have 1 or 3 channels and be at least 8x8 pixels, got shape {tuple(images.shape)}")
+        raise ValueError(f"images must have 1 or 3 channels and be at least 8x8 pixels, "
+                         f"got shape {tuple(images.shape)}")
     if len(labels) != n:
         raise ValueError(f"labels has {len(labels)} entries for {n} images; give one class label per image")
     if not isinstance(num_classes, int) or num_classes < 2:
