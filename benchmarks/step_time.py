@@ -5,7 +5,10 @@
 
 One step = forward, backward and AdamW update on random images of the preset's batch size, with the
 preset's conditioning (server: client id; client: class ids or attribute vectors). No data is read.
-FLOPs are torch's FlopCounterMode model FLOPs (collafuse/cost.py), the same on every device.
+A first step slower than SLOW_STEP seconds is the measurement itself (its warm-up share is small);
+models that match in every size field are timed once and their row repeated.
+FLOPs are torch's FlopCounterMode model FLOPs (collafuse/cost.py), the same on every device, counted
+on one image and multiplied by the batch (every layer works per image).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from collafuse.models import Denoiser, ModelConfig, device_auto
 # What each client model conditions on, per data set: the class count or the attribute-vector length.
 CLASSES = {"cifar10": 10, "awa2": 50, "imagefolder": 2}
 ATTRIBUTES = {"celeba": 40, "awa2": 85}
+SLOW_STEP = 10.0  # seconds
 
 
 def dataset_presets() -> list[str]:
@@ -43,6 +47,27 @@ def role_models(cfg: Config) -> list[tuple[str, ModelConfig, int, dict]]:
 def time_steps(model: Denoiser, batch: int, size: int, channels: int, T: int, device: torch.device,
                steps: int, warmup: int) -> tuple[float, int]:
     """Mean seconds per training step after `warmup` steps, and the FLOPs of one step."""
+    step, _ = _step(model, batch, size, channels, T, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - t0
+    if first < SLOW_STEP:
+        for _ in range(warmup - 1):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        first = (time.perf_counter() - t0) / steps
+    _, one_image = _step(model, 1, size, channels, T, device)
+    return first, batch * train_step_flops(model, one_image)
+
+
+def _step(model: Denoiser, batch: int, size: int, channels: int, T: int, device: torch.device):
+    """A training-step closure on seeded random inputs, and its loss function."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=g).to(device)  # (B, C, H, W)
     eps = torch.randn(x.shape, generator=g).to(device)
@@ -61,16 +86,7 @@ def time_steps(model: Denoiser, batch: int, size: int, channels: int, T: int, de
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    seconds = (time.perf_counter() - t0) / steps
-    return seconds, train_step_flops(model, loss_fn)
+    return step, loss_fn
 
 
 def main() -> None:
@@ -78,7 +94,7 @@ def main() -> None:
     ap.add_argument("--presets", default=None, help="comma-separated preset names (default: every dataset preset)")
     ap.add_argument("--sizes", default="32,64", help="image sizes in px, comma-separated")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least one always runs)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     args = ap.parse_args()
     device = torch.device(args.device) if args.device else device_auto()
@@ -88,14 +104,19 @@ def main() -> None:
     print(f"Device: {where}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up.\n")
     print("| preset | px | role | channels | attention | params (M) | batch | GFLOP/step | s/step | img/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    timed: dict[tuple, tuple[float, int]] = {}
     for name in names:
         cfg = load_config(name)
         for size in (int(s) for s in args.sizes.split(",")):
             for role, model_cfg, batch, cond in role_models(cfg):
                 torch.manual_seed(0)  # UNet2DModel draws its initial weights from the global RNG
                 model = Denoiser(model_cfg, size, cfg.data.channels, **cond).to(device)
-                seconds, flops = time_steps(model, batch, size, cfg.data.channels, cfg.schedule.T, device,
+                key = (tuple(model_cfg.channels), model_cfg.attention, model_cfg.layers_per_block, size,
+                       cfg.data.channels, batch, role)
+                if key not in timed:
+                    timed[key] = time_steps(model, batch, size, cfg.data.channels, cfg.schedule.T, device,
                                             args.steps, args.warmup)
+                seconds, flops = timed[key]
                 native = "" if size == cfg.data.image_size else " (not native)"
                 print(f"| {name} | {size}{native} | {role} | {list(model_cfg.channels)} | "
                       f"{'yes' if model_cfg.attention else 'no'} | {model.num_parameters() / 1e6:.2f} | {batch} | "

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import Denoiser, ModelConfig
+from .privacy import clip_records
 from .protocol import HandoffBatch, SamplingHandoffs, SamplingRequest
 from .sampling import eta_of, level_grid, sample_levels
 from .schedule import NoiseSchedule
@@ -52,10 +53,7 @@ class Client:
 
     def private_records(self) -> torch.Tensor:
         """The records as the handoff sees them: clipped to L2 norm clip_norm when formal DP is on."""
-        if self.clip_norm is None:
-            return self.images
-        norms = self.images.flatten(1).norm(dim=1).clamp(min=1e-12)
-        return self.images * (self.clip_norm / norms).clamp(max=1.0).view(-1, 1, 1, 1)
+        return self.images if self.clip_norm is None else clip_records(self.images, self.clip_norm)
 
     def make_handoffs(self, n_views: int, batch: int) -> list[HandoffBatch]:
         """The next n_views independent views of every record, noised to t_c, in messages of <= batch records."""

