@@ -49,9 +49,9 @@ def run(config: Optional[str] = typer.Option(None, "--config", "-c", help="Prese
         _fail(e)
     typer.echo(f"run folder: {out}")
     for cid, m in metrics["clients"].items():
-        share = m.get("own_class_share")
-        typer.echo(f"client {cid}: FID {m['fid']:.2f}  KID {m['kid_mean']:.4f}"
-                   + (f"  own-class share {share:.2f}" if share is not None else ""))
+        shares = [f"  {key.replace('_', '-')} {m[key]:.2f}" for key in ("own_class_share", "own_client_share")
+                  if m.get(key) is not None]
+        typer.echo(f"client {cid}: FID {m['fid']:.2f}  KID {m['kid_mean']:.4f}" + "".join(shares))
     typer.echo(f"bytes up {metrics['bytes_up']:,}  down {metrics['bytes_down']:,}  "
                f"wall {metrics['wall_seconds']:.0f} s")
 
@@ -133,6 +133,10 @@ def fetch_weights(name: str = typer.Argument(..., help="Which weights: inception
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     typer.echo(f"inception weights: {path}")
+
+
+from .flower.cli import flower_app  # noqa: E402 (mounted last, beside the other commands)
+app.add_typer(flower_app, name="flower")
 
 
 if __name__ == "__main__":

@@ -63,12 +63,10 @@ def split_sample(fed, client: Client, n: int, *, server_steps: int, client_steps
     return images
 
 
-def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
-    """Per-client samples (a grid each) and quality against the client's held-out images; metrics dict."""
-    from .runner import report_up
+def quality_features(fed):
+    """(domain labels, the evaluator's classifier or None, the FID feature extractor) for a federation."""
     cfg, data = fed.cfg, fed.data
     domain = domain_labels(fed)
-    has_labels = domain is not None and domain[0] == "class"
     classifier = None
     if domain is not None:
         _, train_idx, labels, num_labels = domain
@@ -78,7 +76,15 @@ def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
         raise ValueError(f"data set {data.name!r} has no class labels and the run has a single client, so the "
                          f"domain classifier has nothing to learn for FID features; use data.clients >= 2 or "
                          f"set eval.extractor=inception")
-    extractor = feature_extractor(cfg.eval.extractor, classifier=classifier)
+    return domain, classifier, feature_extractor(cfg.eval.extractor, classifier=classifier)
+
+
+def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
+    """Per-client samples (a grid each) and quality against the client's held-out images; metrics dict."""
+    from .runner import report_up
+    cfg, data = fed.cfg, fed.data
+    domain, classifier, extractor = quality_features(fed)
+    has_labels = domain is not None and domain[0] == "class"
     per_client = {}
     s = cfg.sampling
     for client, split in tqdm(list(zip(fed.clients, fed.splits)), desc="sampling", disable=not progress):

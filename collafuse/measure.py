@@ -18,7 +18,6 @@ from . import attacks
 from .attacks import MIA_TARGET_FPR, chance_level, distribution_disclosure, mia_metrics, mia_scores
 from .cost import denoiser_flops, train_step_flops
 from .privacy import dp_block, range_clip_norm
-from .quality import feature_extractor, train_domain_classifier
 from .sampling import level_grid
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut
@@ -112,14 +111,8 @@ def _num(x: float) -> float | None:
 
 
 def _extractor(fed):
-    data, cfg = fed.data, fed.cfg
-    classifier = None
-    if cfg.eval.extractor == "domain":  # the classifier evaluate trained: same inputs, so a cache hit
-        train_idx = torch.cat([s.train for s in fed.splits])
-        classifier = train_domain_classifier(data.images[train_idx], data.labels[train_idx],
-                                             num_classes=data.num_classes, seed=cfg.seed,
-                                             epochs=cfg.eval.classifier_epochs)
-    return feature_extractor(cfg.eval.extractor, classifier=classifier)
+    from .evaluate import quality_features  # the classifier evaluate trained: same inputs, so a cache hit
+    return quality_features(fed)[2]
 
 
 def _attack_sets(fed, gen) -> list[dict]:

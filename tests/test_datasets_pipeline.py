@@ -10,7 +10,7 @@ from PIL import Image
 from collafuse.config import load_config, presets
 from collafuse.models import Denoiser
 from collafuse.runner import build, run
-from test_formats import CELEBA_ATTRIBUTES, write_awa2, write_celeba, write_cifar  # noqa: F401 (the real formats)
+from test_formats import write_awa2, write_celeba, write_cifar  # the real on-disk formats
 
 # One round of a couple of steps on 16-32 px images: each run checks the plumbing, not the quality.
 TINY = ["rounds=1", "schedule.T=50", "server.steps_per_round=2", "client.steps_per_round=2",
@@ -73,8 +73,10 @@ def test_celeba_attribute_group_clients_conditioned_on_attributes(tmp_path):
     root = write_celeba(tmp_path / "celeba", rows=GROUP_FIRST * 4 + ["Blond_Hair"] * 2)
     metrics, fed = tiny_run(tmp_path, root, ["data.name=celeba", "data.image_size=16", "data.channels=3",
                                              "data.clients=5", "data.partition=attribute", "data.test_fraction=0.5",
-                                             "client.condition=attributes"])
+                                             "client.condition=attributes", "eval.disclosure=true",
+                                             "eval.mia_draws=1"])
     assert fed.data.attributes.shape == (20, 40) and fed.data.labels.eq(-1).all()
+    assert metrics["disclosure"] is not None  # the measurement side handles sets without classes too
     assert all(c.condition.shape[1] == 40 and c.model.vector_dim == 40 for c in fed.clients)
     # CelebA has no classes: the evaluator's classifier tells the attribute-group clients apart.
     assert metrics["quality"]["domain_labels"] == "client"
