@@ -31,7 +31,7 @@ def plain_steps(model: Denoiser, images: torch.Tensor, steps: int, batch: int, l
         idx = torch.randint(len(images), (batch,), generator=g)
         t = torch.randint(*levels, (batch,), generator=g)
         noise = torch.randn((batch, *images.shape[1:]), generator=g)
-        x_t = sched.add_noise(images[idx], noise, t)
+        x_t = sched.add_noise(images[idx], noise, t - 1)  # diffusers counts levels from 0
         loss = F.mse_loss(model.unet(x_t, t, class_labels=label).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,8 +4,9 @@ import torch
 
 from collafuse import protocol
 from collafuse.config import load_config
-from collafuse.protocol import HandoffBatch, ProtocolError
-from collafuse.runner import build, exchange_handoffs, train_round
+from collafuse.evaluate import split_sample
+from collafuse.protocol import ClientReport, HandoffBatch, ProtocolError, SamplingRequest
+from collafuse.runner import build, report_up, train_round
 
 
 def smoke(*overrides):
@@ -17,6 +18,9 @@ def fed():
     f = build(smoke(), capture=True, device=torch.device("cpu"))
     train_round(f)
     train_round(f)
+    # The sampling exchange and a metrics report: every kind of message a client ever sends.
+    split_sample(f, f.clients[0], 4, server_steps=3, client_steps=2, sampler="ddpm", seed=0)
+    report_up(f, f.clients[0], {"fid": 1.0})
     return f
 
 
@@ -25,8 +29,13 @@ def client_messages(f):
 
 
 def test_leak_no_message_carries_x0_noise_or_labels(fed):
-    msgs = client_messages(fed)
-    assert msgs and all(isinstance(m, HandoffBatch) for m in msgs)
+    sent = client_messages(fed)
+    assert {type(m) for m in sent} == {HandoffBatch, SamplingRequest, ClientReport}
+    for m in sent:  # requests and reports carry only scalars: no tensor at all
+        if not isinstance(m, HandoffBatch):
+            assert not any(isinstance(v, torch.Tensor) for v in vars(m).values())
+    msgs = [m for m in sent if isinstance(m, HandoffBatch)]
+    assert msgs
     ab = fed.schedule.alpha_bar[fed.cut_level].item()
     for m in msgs:
         client = fed.clients[m.client_id]
