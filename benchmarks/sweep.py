@@ -30,7 +30,10 @@ def main() -> None:
     p.add_argument("--set", dest="set_", action="append", default=[], help="extra overrides, key=value")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark-sweep"))
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     cfg = load_config("default", [f"rounds={a.rounds}", *a.set_])
     t0 = time.perf_counter()
     folders = sweep(cfg, parse_cuts(a.cuts), parse_baselines(a.baselines), a.out, resume=a.resume)

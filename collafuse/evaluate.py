@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .client import Client
 from .images import save_grid
+from .protocol import ClientReport
 from .quality import evaluate_quality, feature_extractor, train_domain_classifier
 
 OWN_CLASS_MIN_SHARE = 0.05  # a class counts as the client's own when >= 5% of its training records carry it
@@ -63,6 +64,12 @@ def split_sample(fed, client: Client, n: int, *, server_steps: int, client_steps
     return images
 
 
+def report_up(fed, client: Client, numbers: dict) -> dict:
+    """A client's metrics travel to the server as a ClientReport; the server only learns these numbers."""
+    msg = fed.wire.up(ClientReport(client_id=client.id, metrics=numbers), fed.server.limits)
+    return msg.metrics
+
+
 def quality_features(fed):
     """(domain labels, the evaluator's classifier or None, the FID feature extractor) for a federation."""
     cfg, data = fed.cfg, fed.data
@@ -81,7 +88,6 @@ def quality_features(fed):
 
 def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
     """Per-client samples (a grid each) and quality against the client's held-out images; metrics dict."""
-    from .runner import report_up
     cfg, data = fed.cfg, fed.data
     domain, classifier, extractor = quality_features(fed)
     has_labels = domain is not None and domain[0] == "class"

@@ -17,7 +17,7 @@ from .client import Client
 from .config import Config, load_config
 from .data import ClientSplit, ImageSet, client_splits, load_images
 from .models import device_auto
-from .protocol import ClientReport, Limits
+from .protocol import Limits
 from .schedule import NoiseSchedule
 from .server import Server
 from .state import load_state, save_state
@@ -226,8 +226,3 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics, fed
 
-
-def report_up(fed: Federation, client: Client, numbers: dict) -> dict:
-    """A client's metrics travel to the server as a ClientReport; the server only learns these numbers."""
-    msg = fed.wire.up(ClientReport(client_id=client.id, metrics=numbers), fed.server.limits)
-    return msg.metrics

@@ -4,9 +4,9 @@ import torch
 
 from collafuse import protocol
 from collafuse.config import load_config
-from collafuse.evaluate import split_sample
+from collafuse.evaluate import report_up, split_sample
 from collafuse.protocol import ClientReport, HandoffBatch, ProtocolError, SamplingRequest
-from collafuse.runner import build, report_up, train_round
+from collafuse.runner import build, train_round
 
 
 def smoke(*overrides):
