@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .models import Denoiser, ModelConfig
+from .models import Denoiser, ModelConfig, optimise
 from .privacy import clip_records
 from .protocol import HandoffBatch, SamplingHandoffs, SamplingRequest
 from .sampling import eta_of, level_grid, sample_levels
@@ -80,11 +80,7 @@ class Client:
             eps = torch.randn((self.batch_size, *self.images.shape[1:]), generator=self.gen)
             x_t = self.schedule.noise(self.images[idx], t, eps).to(self.device)
             cond = self.condition[idx].to(self.device) if self.condition is not None else None
-            loss = F.mse_loss(self.model(x_t, t.to(self.device), cond), eps.to(self.device))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            total += loss.item()
+            total += optimise(self.opt, F.mse_loss(self.model(x_t, t.to(self.device), cond), eps.to(self.device)))
         self.steps_done += steps
         return total / steps
 

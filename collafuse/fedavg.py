@@ -15,10 +15,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.common import serde
 from flwr.serverapp.strategy import FedAvg
-from tqdm.auto import tqdm
 
 from .config import Config
-from .runner import CHECKPOINT, Federation, _resolve_resume, build, load_checkpoint, save_checkpoint
+from .runner import Federation, open_run, train_rounds
 
 SERVER_NODE = 0
 
@@ -80,28 +79,15 @@ def run_fedavg(cfg: Config, out: str | Path, *, resume: bool = False, progress: 
     """The FedAvg baseline of cfg (same data, splits, rounds, client steps), measured like a CollaFuse run."""
     from .evaluate import evaluate
     from .measure import measure
-    out = Path(out)
-    cfg = fedavg_config(cfg)
-    if resume:
-        cfg = _resolve_resume(cfg, out)
-    elif (out / CHECKPOINT).exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    wall = time.perf_counter()
-    fed = build(cfg)
-    if resume:
-        load_checkpoint(fed, out)
-    else:  # one global initial model, as Flower's ServerApp would send in round 1
+    out, wall = Path(out), time.perf_counter()
+    cfg, fed = open_run(fedavg_config(cfg), out, resume=resume)
+    if not resume:  # one global initial model, as Flower's ServerApp would send in round 1
         state = fed.clients[0].model.state_dict()
         for c in fed.clients[1:]:
             c.model.load_state_dict(state)
     strategy = FedAvg(min_train_nodes=len(fed.clients), min_available_nodes=len(fed.clients))
-    with open(out / "log.jsonl", "a") as log:
-        for _ in tqdm(range(fed.round, cfg.rounds), desc="fedavg rounds", disable=not progress, unit="round"):
-            entry = fedavg_round(fed, strategy, fed.round + 1)
-            save_checkpoint(fed, out)
-            log.write(json.dumps(entry) + "\n")
+    train_rounds(fed, out, lambda f: fedavg_round(f, strategy, f.round + 1), progress=progress,
+                 desc="fedavg rounds")
     metrics = evaluate(fed, out, progress=progress)
     metrics.update(measure(fed))
     metrics["baseline"] = "fedavg"

@@ -18,6 +18,14 @@ class ModelConfig:
     norm_groups: int = 8  # 8 suits tiny widths; every channel count must divide by it
 
 
+def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimiser step on `loss`; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def device_auto() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

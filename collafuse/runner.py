@@ -196,33 +196,43 @@ def _resolve_resume(cfg: Config, out: Path) -> Config:
     return cfg
 
 
-def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
-        capture: bool = False) -> tuple[dict, Federation]:
-    """Train for cfg.rounds rounds (checkpointing each), then sample and measure per client."""
-    from .evaluate import evaluate  # the measurement side pulls in torchmetrics; keep the core import light
-    out = Path(out)
+def open_run(cfg: Config, out: Path, *, resume: bool, capture: bool = False) -> tuple[Config, Federation]:
+    """Start a run folder (never over an existing run) or reopen one at its last checkpoint."""
     if resume:
         cfg = _resolve_resume(cfg, out)
     elif (out / CHECKPOINT).exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    wall = time.perf_counter()
     fed = build(cfg, capture=capture)
     if resume:
         load_checkpoint(fed, out)
+    return cfg, fed
+
+
+def train_rounds(fed: Federation, out: Path, round_fn, *, progress: bool, desc: str = "rounds") -> None:
+    """Run round_fn until cfg.rounds, with a checkpoint and a log line after every round."""
     with open(out / "log.jsonl", "a") as log:
-        bar = tqdm(range(fed.round, cfg.rounds), desc="rounds", disable=not progress, unit="round")
+        bar = tqdm(range(fed.round, fed.cfg.rounds), desc=desc, disable=not progress, unit="round")
         for _ in bar:
-            entry = train_round(fed)
+            entry = round_fn(fed)
             save_checkpoint(fed, out)
             log.write(json.dumps(entry) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3f}" for k, v in entry["loss"].items() if v == v})
-    metrics = evaluate(fed, out, progress=progress)
+
+
+def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
+        capture: bool = False) -> tuple[dict, Federation]:
+    """Train for cfg.rounds rounds (checkpointing each), then sample and measure per client."""
+    # The measurement side pulls in torchmetrics and dp-accounting; keep the core import light.
+    from .evaluate import evaluate
     from .measure import measure  # the disclosure, cost and DP blocks (docs/metrics.md)
+    out, wall = Path(out), time.perf_counter()
+    cfg, fed = open_run(cfg, out, resume=resume, capture=capture)
+    train_rounds(fed, out, train_round, progress=progress)
+    metrics = evaluate(fed, out, progress=progress)
     metrics.update(measure(fed))
     metrics["wall_seconds"] = time.perf_counter() - wall
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics, fed
-

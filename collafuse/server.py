@@ -6,7 +6,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from .models import Denoiser, ModelConfig
+from .models import Denoiser, ModelConfig, optimise
 from .protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest
 from .sampling import eta_of, level_grid, sample_levels
 from .schedule import NoiseSchedule
@@ -83,11 +83,7 @@ class Server:
             x_t = self.schedule.renoise(handoffs[idx], self.t_c, t, e).to(self.device)
             label = owners[idx].to(self.device) if self.client_cond else None
             # Target: the server's own re-noising noise e' (unit variance); eps_fn rescales to full-chain noise.
-            loss = F.mse_loss(self.model(x_t, t.to(self.device), label), e.to(self.device))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            total += loss.item()
+            total += optimise(self.opt, F.mse_loss(self.model(x_t, t.to(self.device), label), e.to(self.device)))
         self.steps_done += steps
         return total / steps
 
