@@ -96,7 +96,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per model")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least one always runs)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else device_auto()
     names = args.presets.split(",") if args.presets else dataset_presets()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \

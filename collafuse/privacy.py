@@ -15,9 +15,7 @@ relation, for which its epsilon is exactly the one of a Gaussian mechanism with 
 
 import math
 
-import dp_accounting
 import torch
-from dp_accounting import pld, rdp
 
 # name -> the dp-accounting class that composes the views
 ACCOUNTANTS = {"pld": "pld.PLDAccountant", "rdp": "rdp.RdpAccountant"}
@@ -72,6 +70,10 @@ def handoff_epsilon(
         return 0.0  # nothing released, or a release that carries no signal
     if multiplier == 0.0:
         return math.inf  # c = 0: the raw record leaves the client
+    # Imported here: clients import this module for clip_records, and each Flower ClientApp process
+    # would pay the accountant's import for nothing.
+    import dp_accounting
+    from dp_accounting import pld, rdp
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(multiplier), views)
     if accountant == "rdp":
         acc = rdp.RdpAccountant()
