@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from . import attacks
 from .attacks import MIA_TARGET_FPR, chance_level, distribution_disclosure, mia_metrics, mia_scores
 from .cost import denoiser_flops, train_step_flops
-from .privacy import dp_block, range_clip_norm
+from .privacy import clip_records, dp_block, range_clip_norm
 from .sampling import level_grid
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut
@@ -126,11 +126,8 @@ def _attack_sets(fed, gen) -> list[dict]:
         members = torch.randperm(c.num_records, generator=gen)[:cap]
         test = split.test[torch.randperm(len(split.test), generator=gen)[:cap]]
         x_non = fed.data.images[test]
-        if c.clip_norm is not None:  # the client would clip held-out records exactly like its own
-            norms = x_non.flatten(1).norm(dim=1).clamp(min=1e-12)
-            x_non_sent = x_non * (c.clip_norm / norms).clamp(max=1.0).view(-1, 1, 1, 1)
-        else:
-            x_non_sent = x_non
+        # The client would clip held-out records exactly like its own.
+        x_non_sent = x_non if c.clip_norm is None else clip_records(x_non, c.clip_norm)
         entry = {"client": c, "x_mem": c.images[members], "x_non": x_non,
                  "cond_mem": None if c.condition is None else c.condition[members],
                  "cond_non": None if condition is None else condition[test],
