@@ -34,7 +34,8 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = load_config("default", [f"rounds={a.rounds}", *a.set_])
+    # cut=0.2: the paper's cut, where the `fresh` baseline runs (the sweep sets every other cut itself).
+    cfg = load_config("default", ["cut=0.2", f"rounds={a.rounds}", *a.set_])
     t0 = time.perf_counter()
     folders = sweep(cfg, parse_cuts(a.cuts), parse_baselines(a.baselines), a.out, resume=a.resume)
     total = time.perf_counter() - t0
