@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .models import Denoiser, ModelConfig, optimise
+from .models import EMA, Denoiser, ModelConfig, optimise
 from .privacy import clip_records
 from .protocol import HandoffBatch, SamplingHandoffs, SamplingRequest
 from .sampling import eta_of, level_grid, sample_levels
@@ -23,7 +23,7 @@ class Client:
     def __init__(self, client_id: int, images: torch.Tensor, labels: torch.Tensor, *, schedule: NoiseSchedule,
                  cut_level: int, model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
                  condition: torch.Tensor | None = None, num_classes: int | None = None,
-                 clip_norm: float | None = None, seed: int = 0,
+                 clip_norm: float | None = None, ema_decay: float = 0.0, seed: int = 0,
                  noise_seed: int | None = None, device: torch.device | str = "cpu"):
         if images.shape[0] == 0:
             raise ValueError(f"client {client_id} has no training records; use fewer clients or another partition")
@@ -37,11 +37,23 @@ class Client:
                               num_labels=num_classes if condition is not None and not vector else None,
                               vector_dim=condition.shape[1] if vector else None, seed=seed).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.ema = EMA(self.model, ema_decay)
         self.gen = torch.Generator().manual_seed(seed)
         # The secret behind every handoff; it never leaves the client.
         self._noise_seed = noise_seed if noise_seed is not None else seed + 7919
         self.views_made = 0
         self.steps_done = 0
+
+    @classmethod
+    def from_config(cls, cfg, client_id: int, images: torch.Tensor, labels: torch.Tensor, *,
+                    schedule: NoiseSchedule, condition: torch.Tensor | None, num_classes: int | None,
+                    device: torch.device, noise_seed: int | None = None) -> "Client":
+        """Client `client_id` as a run Config describes it, over its own records."""
+        c = cfg.client
+        return cls(client_id, images, labels, schedule=schedule, cut_level=schedule.cut_level(cfg.cut),
+                   model=c.model, lr=c.lr, batch_size=c.batch_size, condition=condition, num_classes=num_classes,
+                   clip_norm=cfg.handoff.clip_norm, ema_decay=c.ema_decay, seed=cfg.seed * 1000 + client_id,
+                   noise_seed=noise_seed, device=device)
 
     @property
     def num_records(self) -> int:
@@ -81,11 +93,13 @@ class Client:
             x_t = self.schedule.noise(self.images[idx], t, eps).to(self.device)
             cond = self.condition[idx].to(self.device) if self.condition is not None else None
             total += optimise(self.opt, F.mse_loss(self.model(x_t, t.to(self.device), cond), eps.to(self.device)))
+            self.ema.update(self.model)
         self.steps_done += steps
         return total / steps
 
     def eps_fn(self, cond: torch.Tensor | None):
-        return lambda x, t: self.model(x, t, cond)
+        """Noise prediction of the sampling (EMA) weights for levels <= t_c."""
+        return lambda x, t: self.ema.model(x, t, cond)
 
     def sampling_request(self, n: int, steps: int, sampler: str, seed: int) -> SamplingRequest:
         return SamplingRequest(client_id=self.id, n=n, steps=steps, sampler=sampler, seed=seed)
@@ -98,16 +112,17 @@ class Client:
         cond = None
         if self.condition is not None:  # draw conditions from this client's own records
             cond = self.condition[torch.randint(self.num_records, (n,), generator=g)].to(self.device)
-        self.model.eval()
         x = sample_levels(self.eps_fn(cond), msg.handoffs.to(self.device), level_grid(self.t_c, 0, steps),
                           self.schedule, eta_of(sampler), g)
         return x.clamp(-1, 1).cpu()
 
     def state(self) -> tuple[dict, dict]:
         tensors, meta = role_tensors(self.model, self.opt, self.gen)
-        meta.update(views_made=self.views_made, steps_done=self.steps_done)
+        tensors.update(self.ema.state())
+        meta.update(views_made=self.views_made, steps_done=self.steps_done, ema_updates=self.ema.updates)
         return tensors, meta
 
     def load(self, tensors: dict, meta: dict) -> None:
         load_role(self.model, self.opt, self.gen, tensors, meta)
+        self.ema.load(tensors, meta["ema_updates"])
         self.views_made, self.steps_done = meta["views_made"], meta["steps_done"]

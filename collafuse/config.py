@@ -38,6 +38,7 @@ class ServerConfig:
     batch_size: int = 64
     lr: float = 1e-3
     client_cond: bool = True  # condition on the client id: personalises the server without any label
+    ema_decay: float = 0.995  # sampling weights: EMA over ~200 steps (0 = off)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ClientConfig:
     batch_size: int = 64
     lr: float = 1e-3
     condition: str = "none"  # none | class | attributes: the client's private labels, never sent
+    ema_decay: float = 0.99  # sampling weights: EMA over ~100 steps (0 = off)
 
 
 @dataclass

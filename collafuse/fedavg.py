@@ -24,7 +24,9 @@ SERVER_NODE = 0
 
 def fedavg_config(cfg: Config) -> Config:
     """The same run as cfg, with every client running the whole chain on a full (server-sized) model."""
-    return dataclasses.replace(cfg, cut=1.0, client=dataclasses.replace(cfg.client, model=cfg.server.model))
+    # No EMA: every round overwrites the clients' weights with the aggregate, which is what FedAvg samples with.
+    return dataclasses.replace(cfg, cut=1.0, client=dataclasses.replace(cfg.client, model=cfg.server.model,
+                                                                        ema_decay=0.0))
 
 
 def record_bytes(arrays: ArrayRecord) -> int:

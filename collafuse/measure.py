@@ -148,7 +148,6 @@ def _server_estimate(fed, cid: int, y: torch.Tensor, gen) -> torch.Tensor:
     s, t1 = fed.server, fed.cut_level + 1
     e = torch.randn(y.shape, generator=gen)
     x = fed.schedule.renoise(y, fed.cut_level, torch.full((y.shape[0],), t1), e).float().to(s.device)
-    s.model.eval()
     return attacks.reconstruct(x, t1, fed.schedule.alpha_bar, eps_fn=s.eps_fn(cid)).cpu()
 
 
@@ -173,11 +172,12 @@ def _levels(lo: int, hi: int, fractions) -> list[int]:
 def _pipeline_eps(fed, c, cond):
     """Full-chain noise prediction of the whole pipeline: the server above the cut, the client at or below it."""
     server_fn, t_c = fed.server.eps_fn(c.id), fed.cut_level
+    client_fn = c.eps_fn(None if cond is None else cond.to(c.device))
 
     def fn(x, t):
         if int(t[0]) > t_c:
             return server_fn(x.to(fed.server.device), t.to(fed.server.device)).to(x.device)
-        return c.model(x.to(c.device), t.to(c.device), None if cond is None else cond.to(c.device)).to(x.device)
+        return client_fn(x.to(c.device), t.to(c.device)).to(x.device)
     return fn
 
 
@@ -211,7 +211,6 @@ def disclosure_block(fed, extractor=None) -> dict:
     pipeline = {"member": [], "non": []}
     for s in sets:
         c = s["client"]
-        c.model.eval()
         levels = _levels(0, T, PIPELINE_MIA_FRACTIONS)
         for kind in ("mem", "non"):
             loss = attacks.denoising_loss(_pipeline_eps(fed, c, s[f"cond_{kind}"]), sch.alpha_bar)
@@ -254,7 +253,6 @@ def disclosure_block(fed, extractor=None) -> dict:
     out["kview"] = _kview(fed, sets, gen)
     scores = {"member": [], "non": []}
     levels = _levels(t_c, T, SERVER_MIA_FRACTIONS)
-    fed.server.model.eval()
     for s in sets:
         loss = attacks.denoising_loss(fed.server.eps_fn(s["client"].id), sch.alpha_bar.to(fed.server.device),
                                       from_level=t_c)

@@ -1,6 +1,7 @@
 """Denoisers: a diffusers UNet2DModel sized per role, with optional label embeddings."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,39 @@ def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
     loss.backward()
     opt.step()
     return loss.item()
+
+
+class EMA:
+    """Exponential moving average of a model's weights: what the role samples with.
+
+    Warm-up decay min(decay, (1+n)/(10+n)) keeps short runs from sampling with mostly initial weights.
+    decay = 0 turns it off: the trained weights themselves are used.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {decay}")
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).requires_grad_(False).eval() if decay else model
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if not self.decay:
+            return
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for ema, p in zip(self.model.parameters(), model.parameters()):
+            ema.lerp_(p, 1 - d)
+        for ema, b in zip(self.model.buffers(), model.buffers()):
+            ema.copy_(b)
+        self.updates += 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"ema/{k}": v for k, v in self.model.state_dict().items()} if self.decay else {}
+
+    def load(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
+        if self.decay:
+            self.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")})
+        self.updates = updates
 
 
 def device_auto() -> torch.device:

@@ -88,15 +88,11 @@ def build(cfg: Config, capture: bool = False, device: torch.device | None = None
     schedule = NoiseSchedule(cfg.schedule.T, cfg.schedule.kind)
     t_c = schedule.cut_level(cfg.cut)
     condition = client_condition(cfg, data)
-    clients = [Client(k, data.images[s.train], data.labels[s.train], schedule=schedule, cut_level=t_c,
-                      model=cfg.client.model, lr=cfg.client.lr, batch_size=cfg.client.batch_size,
-                      condition=None if condition is None else condition[s.train], num_classes=data.num_classes, clip_norm=cfg.handoff.clip_norm, seed=cfg.seed * 1000 + k,
-                      device=device)
+    clients = [Client.from_config(cfg, k, data.images[s.train], data.labels[s.train], schedule=schedule,
+                                  condition=None if condition is None else condition[s.train],
+                                  num_classes=data.num_classes, device=device)
                for k, s in enumerate(splits)]
-    server = Server(schedule=schedule, cut_level=t_c, client_ids=[c.id for c in clients],
-                    image_shape=tuple(data.images.shape[1:]), model=cfg.server.model, lr=cfg.server.lr,
-                    batch_size=cfg.server.batch_size, client_cond=cfg.server.client_cond, seed=cfg.seed,
-                    device=device, max_message_bytes=cfg.max_message_bytes)
+    server = Server.from_config(cfg, schedule=schedule, image_shape=tuple(data.images.shape[1:]), device=device)
     return Federation(cfg, schedule, t_c, data, splits, clients, server, Wire(capture))
 
 

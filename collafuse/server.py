@@ -6,7 +6,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from .models import Denoiser, ModelConfig, optimise
+from .models import EMA, Denoiser, ModelConfig, optimise
 from .protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest
 from .sampling import eta_of, level_grid, sample_levels
 from .schedule import NoiseSchedule
@@ -18,7 +18,8 @@ class Server:
 
     def __init__(self, *, schedule: NoiseSchedule, cut_level: int, client_ids: list[int],
                  image_shape: tuple[int, int, int], model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
-                 client_cond: bool = True, seed: int = 0, device: torch.device | str = "cpu",
+                 client_cond: bool = True, ema_decay: float = 0.0, seed: int = 0,
+                 device: torch.device | str = "cpu",
                  max_message_bytes: int | None = None):
         self.schedule, self.t_c = schedule, cut_level
         self.client_ids, self.image_shape = sorted(client_ids), tuple(image_shape)
@@ -28,6 +29,7 @@ class Server:
         self.model = Denoiser(model, image_shape[-1], image_shape[0],
                               max(self.client_ids) + 1 if client_cond else None, seed=seed).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.ema = EMA(self.model, ema_decay)
         self.gen = torch.Generator().manual_seed(seed + 104729)
         self.limits = Limits(known_clients=frozenset(self.client_ids), image_shape=self.image_shape,
                              level=cut_level, **({"max_bytes": max_message_bytes} if max_message_bytes else {}))
@@ -36,6 +38,16 @@ class Server:
         self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
         self.received = Counter()  # (client, record) -> handoffs received over the run
         self.steps_done = 0
+
+    @classmethod
+    def from_config(cls, cfg, *, schedule: NoiseSchedule, image_shape: tuple[int, int, int],
+                    device: torch.device) -> "Server":
+        """The server as a run Config describes it, for clients 0..data.clients-1."""
+        s = cfg.server
+        return cls(schedule=schedule, cut_level=schedule.cut_level(cfg.cut), client_ids=list(range(cfg.data.clients)),
+                   image_shape=image_shape, model=s.model, lr=s.lr, batch_size=s.batch_size,
+                   client_cond=s.client_cond, ema_decay=s.ema_decay, seed=cfg.seed, device=device,
+                   max_message_bytes=cfg.max_message_bytes)
 
     @property
     def has_levels(self) -> bool:
@@ -84,6 +96,7 @@ class Server:
             label = owners[idx].to(self.device) if self.client_cond else None
             # Target: the server's own re-noising noise e' (unit variance); eps_fn rescales to full-chain noise.
             total += optimise(self.opt, F.mse_loss(self.model(x_t, t.to(self.device), label), e.to(self.device)))
+            self.ema.update(self.model)
         self.steps_done += steps
         return total / steps
 
@@ -92,7 +105,7 @@ class Server:
         def fn(x, t):
             label = torch.full_like(t, client_id) if self.client_cond else None
             scale = self.schedule.server_eps_scale(self.t_c, t.cpu()).to(x.device, x.dtype).view(-1, 1, 1, 1)
-            return scale * self.model(x, t, label)
+            return scale * self.ema.model(x, t, label)
         return fn
 
     @torch.no_grad()
@@ -100,7 +113,6 @@ class Server:
         """Run levels T..t_c for a client (validated request); the result is not clipped."""
         g = torch.Generator().manual_seed(req.seed)
         x = torch.randn((req.n, *self.image_shape), generator=g).to(self.device)
-        self.model.eval()
         x = sample_levels(self.eps_fn(req.client_id), x, level_grid(self.schedule.T, self.t_c, req.steps),
                           self.schedule, eta_of(req.sampler), g)
         return SamplingHandoffs(client_id=req.client_id, level=self.t_c, handoffs=x.float().cpu())
@@ -111,11 +123,13 @@ class Server:
         if keys:
             tensors["store/handoffs"] = torch.stack([self._store[k] for k in keys])
             tensors["store/keys"] = torch.tensor(keys, dtype=torch.long)
-        meta.update(steps_done=self.steps_done, received=[[*k, v] for k, v in sorted(self.received.items())])
+        tensors.update(self.ema.state())
+        meta.update(steps_done=self.steps_done, ema_updates=self.ema.updates, received=[[*k, v] for k, v in sorted(self.received.items())])
         return tensors, meta
 
     def load(self, tensors: dict, meta: dict) -> None:
         load_role(self.model, self.opt, self.gen, tensors, meta)
+        self.ema.load(tensors, meta["ema_updates"])
         store = split_prefix(tensors, "store/")
         self._store = ({tuple(k): y for k, y in zip(store["keys"].tolist(), store["handoffs"])}
                        if store else {})

@@ -131,3 +131,20 @@ def test_config_errors():
         load_config("smoke", ["handoff.mode=twice"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config("missing.toml")
+
+
+def test_sampling_weights_are_an_ema_of_the_trained_weights():
+    from collafuse.models import EMA, Denoiser, ModelConfig
+    model = Denoiser(ModelConfig(channels=(8, 16), attention=False), 8, 1)
+    assert EMA(model, 0.0).model is model  # off: sample with the trained weights
+    ema = EMA(model, 0.99)
+    before = [p.clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)  # warm-up: the first update keeps 1/10 of the old weights, not 0.99
+    for old, new, e in zip(before, model.parameters(), ema.model.parameters()):
+        assert torch.allclose(e, 0.1 * old + 0.9 * new, atol=1e-6)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        EMA(model, 1.0)

@@ -186,11 +186,10 @@ def open_client(cfg: Config, place: ClientPlace, session: str) -> tuple[Client, 
                          f"session: start a new out-dir on the server (new session) or delete {folder}")
     data = load_client_data(cfg, place.client_id, place.data_path)
     # Same arguments as runner.build: the roles are built identically in-process and on Flower.
-    client = Client(place.client_id, data.images, data.labels, schedule=NoiseSchedule(cfg.schedule.T, cfg.schedule.kind),
-                    cut_level=cut_level(cfg), model=cfg.client.model, lr=cfg.client.lr,
-                    batch_size=cfg.client.batch_size, condition=data.condition,
-                    num_classes=data.num_classes or None, clip_norm=cfg.handoff.clip_norm,
-                    seed=cfg.seed * 1000 + place.client_id, noise_seed=_noise_seed(folder), device=device_auto())
+    client = Client.from_config(cfg, place.client_id, data.images, data.labels,
+                                schedule=NoiseSchedule(cfg.schedule.T, cfg.schedule.kind), condition=data.condition,
+                                num_classes=data.num_classes or None, device=device_auto(),
+                                noise_seed=_noise_seed(folder))
     progress = {"train_seconds": 0.0, "sample_seconds": 0.0}
     if (folder / "client.json").is_file():
         tensors, meta = load_state(folder / "client")
@@ -294,10 +293,8 @@ def client_quality(cfg: Config, place: ClientPlace, images: torch.Tensor) -> dic
 
 def make_server(cfg: Config) -> Server:
     """The Server exactly as runner.build makes it, from the config alone (the server never sees data)."""
-    return Server(schedule=NoiseSchedule(cfg.schedule.T, cfg.schedule.kind), cut_level=cut_level(cfg),
-                  client_ids=list(range(cfg.data.clients)), image_shape=image_shape(cfg), model=cfg.server.model,
-                  lr=cfg.server.lr, batch_size=cfg.server.batch_size, client_cond=cfg.server.client_cond,
-                  seed=cfg.seed, device=device_auto(), max_message_bytes=cfg.max_message_bytes)
+    return Server.from_config(cfg, schedule=NoiseSchedule(cfg.schedule.T, cfg.schedule.kind),
+                              image_shape=image_shape(cfg), device=device_auto())
 
 
 class ServerSide:
