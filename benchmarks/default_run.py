@@ -13,7 +13,7 @@ import time
 import torch
 
 from collafuse.config import load_config
-from collafuse.runner import run
+from collafuse.federation.inprocess import run
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from collafuse.config import load_config
-from collafuse.flower.local import run_local
-from collafuse.runner import build, train_round
+from collafuse.federation.flower.local import run_local
+from collafuse.federation.inprocess import build, train_round
 
 
 def in_process(cfg) -> dict:

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from collafuse import protocol
-from collafuse.client import Client
+from collafuse.core import protocol
+from collafuse.roles.client import Client
 from collafuse.config import load_config
-from collafuse.models import Denoiser, ModelConfig, device_auto
-from collafuse.quality import evaluate_quality, feature_extractor, train_domain_classifier
-from collafuse.sampling import level_grid, sample_levels
-from collafuse.schedule import NoiseSchedule
-from collafuse.server import Server
+from collafuse.core.models import Denoiser, ModelConfig, device_auto
+from collafuse.measure.quality import evaluate_quality, feature_extractor, train_domain_classifier
+from collafuse.core.sampling import level_grid, sample_levels
+from collafuse.core.schedule import NoiseSchedule
+from collafuse.roles.server import Server
 
 
 def digits16() -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from collafuse.client import Client
+from collafuse.roles.client import Client
 from collafuse.config import load_config
-from collafuse.models import Denoiser
-from collafuse.schedule import NoiseSchedule
-from collafuse.server import Server
+from collafuse.core.models import Denoiser
+from collafuse.core.schedule import NoiseSchedule
+from collafuse.roles.server import Server
 
 
 def plain_steps(model: Denoiser, images: torch.Tensor, steps: int, batch: int, levels: tuple[int, int],

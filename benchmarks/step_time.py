@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from collafuse.config import Config, load_config, presets
-from collafuse.cost import train_step_flops
-from collafuse.models import Denoiser, ModelConfig, device_auto
+from collafuse.measure.cost import train_step_flops
+from collafuse.core.models import Denoiser, ModelConfig, device_auto
 
 # What each client model conditions on, per data set: the class count or the attribute-vector length.
 CLASSES = {"cifar10": 10, "awa2": 50, "imagefolder": 2}

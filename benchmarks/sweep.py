@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from collafuse.config import load_config
-from collafuse.sweep import parse_baselines, parse_cuts, sweep
+from collafuse.measure.sweep import parse_baselines, parse_cuts, sweep
 
 
 def main() -> None:

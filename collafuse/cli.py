@@ -35,8 +35,8 @@ def run(config: Optional[str] = typer.Option(None, "--config", "-c", help="Prese
         threads: Optional[int] = THREADS):
     """Train clients and server in one process, then sample and measure every client."""
     _threads(threads)
-    from .config import load_config
-    from .runner import run as run_federation
+    from collafuse.config import load_config
+    from collafuse.federation.inprocess import run as run_federation
     try:
         if resume and config is None:
             if out is None:
@@ -67,10 +67,10 @@ def sample(run_dir: Path = typer.Option(..., "--run", help="A finished or checkp
            threads: Optional[int] = THREADS):
     """Sample through the split chain for one client of a trained run and save a grid."""
     _threads(threads)
-    from .config import load_config
-    from .evaluate import split_sample
-    from .images import save_grid
-    from .runner import build, load_checkpoint
+    from collafuse.config import load_config
+    from collafuse.measure.evaluate import split_sample
+    from collafuse.measure.images import save_grid
+    from collafuse.federation.inprocess import build, load_checkpoint
     try:
         cfg = load_config(str(run_dir / "config.json"))
         fed = build(cfg)
@@ -97,9 +97,9 @@ def sweep(cuts: str = typer.Option("0,0.2,0.4,0.6,0.8,1", "--cuts", help="Comma-
           resume: bool = typer.Option(False, "--resume", help="Continue unfinished runs; finished ones are always skipped."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """One run per cut (and per baseline) on the same data and budget, then the report."""
-    from .config import load_config
-    from .sweep import parse_baselines, parse_cuts
-    from .sweep import sweep as run_sweep
+    from collafuse.config import load_config
+    from collafuse.measure.sweep import parse_baselines, parse_cuts
+    from collafuse.measure.sweep import sweep as run_sweep
     try:
         cut_list, names = parse_cuts(cuts), parse_baselines(baselines)
         cfg = load_config(config, set_)
@@ -114,7 +114,7 @@ def sweep(cuts: str = typer.Option("0,0.2,0.4,0.6,0.8,1", "--cuts", help="Comma-
 def report(run_dirs: list[Path] = typer.Argument(None, help="Finished run folders (each with metrics.json)."),
            out: Path = typer.Option(Path("report"), "--out", "-o", help="Report folder.")):
     """Rebuild a report (report.md, tables, plots, sample grids) from run folders."""
-    from .report import write_report
+    from collafuse.measure.report import write_report
     try:
         path = write_report(run_dirs or [], out)
     except (ValueError, FileNotFoundError) as e:
@@ -125,7 +125,7 @@ def report(run_dirs: list[Path] = typer.Argument(None, help="Finished run folder
 @app.command("fetch-weights")
 def fetch_weights(name: str = typer.Argument(..., help="Which weights: inception.")):
     """Fetch and cache feature-extractor weights (needs network once; runs never download)."""
-    from .inception import fetch_inception
+    from collafuse.measure.inception import fetch_inception
     try:
         if name != "inception":
             raise ValueError(f"unknown weights {name!r}; the only fetchable weights are: inception")
@@ -135,7 +135,7 @@ def fetch_weights(name: str = typer.Argument(..., help="Which weights: inception
     typer.echo(f"inception weights: {path}")
 
 
-from .flower.cli import flower_app  # noqa: E402 (mounted last, beside the other commands)
+from collafuse.federation.flower.cli import flower_app  # noqa: E402 (mounted last, beside the other commands)
 app.add_typer(flower_app, name="flower")
 
 

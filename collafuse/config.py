@@ -7,8 +7,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models import ModelConfig
-from .schedule import NoiseSchedule
+from collafuse.core.models import ModelConfig
+from collafuse.core.schedule import NoiseSchedule
 
 
 @dataclass
@@ -71,7 +71,7 @@ class SamplingConfig:
 class EvalConfig:
     extractor: str = "domain"
     classifier_epochs: int = 15  # ~97% held-out on 16 px MNIST in ~8 s
-    disclosure: bool = True  # the attacks of collafuse.measure after sampling; off for quick runs
+    disclosure: bool = True  # the attacks of collafuse.measure.blocks after sampling; off for quick runs
     disclosure_records: int = 200  # per client: members and held-out non-members each attacked
     mia_draws: int = 2  # seeded noise draws per level in the membership scores
     dp_delta: float = 1e-5  # the delta of the per-record (epsilon, delta)

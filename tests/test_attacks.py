@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from sklearn.datasets import load_digits
 
-from collafuse.attacks import (
+from collafuse.measure.attacks import (
     chance_level,
     denoising_loss,
     distribution_disclosure,

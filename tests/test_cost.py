@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import UNet2DModel
 
-from collafuse.cost import count_flops, denoiser_flops, train_step_flops
+from collafuse.measure.cost import count_flops, denoiser_flops, train_step_flops
 
 
 def seeded(make, seed=0):

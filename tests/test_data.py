@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from collafuse.data import CELEBA_ATTRIBUTE_GROUPS, ImageSet, client_splits, load_images
-from collafuse.images import save_grid
+from collafuse.measure.images import save_grid
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from collafuse.config import load_config, presets
-from collafuse.models import Denoiser
-from collafuse.runner import build, run
+from collafuse.core.models import Denoiser
+from collafuse.federation.inprocess import build, run
 from test_formats import write_awa2, write_celeba, write_cifar  # the real on-disk formats
 
 # One round of a couple of steps on 16-32 px images: each run checks the plumbing, not the quality.

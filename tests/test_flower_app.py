@@ -10,16 +10,16 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from collafuse import protocol
+from collafuse.core import protocol
 from collafuse.config import load_config
-from collafuse.evaluate import evaluate
-from collafuse.flower.certs import make_certificates
-from collafuse.flower.cli import flower_app
-from collafuse.flower.local import app_dir, app_run_config, run_local, start_clients
-from collafuse.flower.processes import LocalFederation, _descendants
-from collafuse.flower.roles import (ClientPlace, ServerSide, client_round, client_sample, open_client,
+from collafuse.measure.evaluate import evaluate
+from collafuse.federation.flower.certs import make_certificates
+from collafuse.federation.flower.cli import flower_app
+from collafuse.federation.flower.local import app_dir, app_run_config, run_local, start_clients
+from collafuse.federation.flower.processes import LocalFederation, _descendants
+from collafuse.federation.flower.roles import (ClientPlace, ServerSide, client_round, client_sample, open_client,
                                     place_from_configs, prepare_data)
-from collafuse.runner import build, train_round
+from collafuse.federation.inprocess import build, train_round
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_KEYS = ["fid", "kid_mean", "kid_std", "kid_subset_size", "n_samples", "n_reference", "own_class_share",

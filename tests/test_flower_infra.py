@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from typer.testing import CliRunner
 
-from collafuse.flower.certs import make_certificates
-from collafuse.flower.cli import flower_app
-from collafuse.flower.processes import FlowerProcessError, LocalFederation, format_config
+from collafuse.federation.flower.certs import make_certificates
+from collafuse.federation.flower.cli import flower_app
+from collafuse.federation.flower.processes import FlowerProcessError, LocalFederation, format_config
 
 PAYLOAD_BYTES = 1_000_000
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from collafuse.config import load_config
-from collafuse.measure import _mia, dp_summary
-from collafuse.privacy import handoff_epsilon
-from collafuse.runner import run
+from collafuse.measure.blocks import _mia, dp_summary
+from collafuse.roles.privacy import handoff_epsilon
+from collafuse.federation.inprocess import run
 
 FAST = ["rounds=1", "server.steps_per_round=2", "client.steps_per_round=2", "sampling.n=8",
         "sampling.server_steps=2", "sampling.client_steps=2", "eval.classifier_epochs=1",

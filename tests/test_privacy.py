@@ -6,7 +6,7 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from collafuse.privacy import clip_records, dp_block, handoff_epsilon, handoff_mechanism, range_clip_norm
+from collafuse.roles.privacy import clip_records, dp_block, handoff_epsilon, handoff_mechanism, range_clip_norm
 
 DELTA = 1e-5
 

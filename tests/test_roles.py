@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from collafuse import protocol
+from collafuse.core import protocol
 from collafuse.config import load_config
-from collafuse.evaluate import report_up, split_sample
-from collafuse.protocol import ClientReport, HandoffBatch, ProtocolError, SamplingRequest
-from collafuse.runner import build, train_round
+from collafuse.measure.evaluate import report_up, split_sample
+from collafuse.core.protocol import ClientReport, HandoffBatch, ProtocolError, SamplingRequest
+from collafuse.federation.inprocess import build, train_round
 
 
 def smoke(*overrides):
@@ -134,7 +134,7 @@ def test_config_errors():
 
 
 def test_sampling_weights_are_an_ema_of_the_trained_weights():
-    from collafuse.models import EMA, Denoiser, ModelConfig
+    from collafuse.core.models import EMA, Denoiser, ModelConfig
     model = Denoiser(ModelConfig(channels=(8, 16), attention=False), 8, 1)
     assert EMA(model, 0.0).model is model  # off: sample with the trained weights
     ema = EMA(model, 0.99)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from collafuse.models import Denoiser, ModelConfig
-from collafuse.sampling import eta_of, level_grid, sample_levels, step
-from collafuse.schedule import NoiseSchedule
+from collafuse.core.models import Denoiser, ModelConfig
+from collafuse.core.sampling import eta_of, level_grid, sample_levels, step
+from collafuse.core.schedule import NoiseSchedule
 
 T = 50
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from collafuse.schedule import NoiseSchedule
+from collafuse.core.schedule import NoiseSchedule
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])

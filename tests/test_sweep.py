@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from collafuse.cli import app
 from collafuse.config import load_config
-from collafuse.fedavg import fedavg_config, fedavg_round, record_bytes
-from collafuse.report import write_report
-from collafuse.runner import build
-from collafuse.sweep import parse_baselines, parse_cuts, plan, sweep
+from collafuse.federation.fedavg import fedavg_config, fedavg_round, record_bytes
+from collafuse.measure.report import write_report
+from collafuse.federation.inprocess import build
+from collafuse.measure.sweep import parse_baselines, parse_cuts, plan, sweep
 
 FAST = ["rounds=1", "server.steps_per_round=2", "client.steps_per_round=2", "sampling.n=8",
         "sampling.server_steps=2", "sampling.client_steps=2", "eval.classifier_epochs=1",

@@ -1,7 +1,7 @@
 """Image sets (embedded digits, CIFAR-10, CelebA, AwA2, image folders, Hugging Face) and client partitions."""
-from .formats import DATASETS, load_images
-from .imageset import ImageSet
-from .partition import CELEBA_ATTRIBUTE_GROUPS, PARTITIONS, ClientSplit, client_splits
+from collafuse.data.formats import DATASETS, load_images
+from collafuse.data.imageset import ImageSet
+from collafuse.data.partition import CELEBA_ATTRIBUTE_GROUPS, PARTITIONS, ClientSplit, client_splits
 
 __all__ = ["CELEBA_ATTRIBUTE_GROUPS", "DATASETS", "PARTITIONS", "ClientSplit", "ImageSet", "client_splits",
            "load_images"]

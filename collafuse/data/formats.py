@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .imageset import ImageSet, from_unit_tensor, pil_to_array, read_image, stack_arrays, subsample
+from collafuse.data.imageset import ImageSet, from_unit_tensor, pil_to_array, read_image, stack_arrays, subsample
 
 DATASETS = ("mnist", "digits", "cifar10", "celeba", "awa2", "imagefolder", "hf:<dataset-name>[:<split>]")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

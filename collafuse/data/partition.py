@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .imageset import ImageSet
+from collafuse.data.imageset import ImageSet
 
 PARTITIONS = ("iid", "dirichlet", "pathological", "attribute", "natural")
 MIN_RECORDS = 2  # one to train on, one held out

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from . import attacks
-from .attacks import MIA_TARGET_FPR, chance_level, distribution_disclosure, mia_metrics, mia_scores
-from .cost import denoiser_flops, train_step_flops
-from .privacy import clip_records, dp_block, range_clip_norm
-from .sampling import level_grid
+from collafuse.measure import attacks
+from collafuse.measure.attacks import MIA_TARGET_FPR, chance_level, distribution_disclosure, mia_metrics, mia_scores
+from collafuse.measure.cost import denoiser_flops, train_step_flops
+from collafuse.roles.privacy import clip_records, dp_block, range_clip_norm
+from collafuse.core.sampling import level_grid
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut
 PIPELINE_MIA_FRACTIONS = (0.02, 0.1, 0.3, 0.6)  # of the whole chain
@@ -111,13 +111,13 @@ def _num(x: float) -> float | None:
 
 
 def _extractor(fed):
-    from .evaluate import quality_features  # the classifier evaluate trained: same inputs, so a cache hit
+    from collafuse.measure.evaluate import quality_features  # the classifier evaluate trained: same inputs, so a cache hit
     return quality_features(fed)[2]
 
 
 def _attack_sets(fed, gen) -> list[dict]:
     """Per client: up to eval.disclosure_records members and non-members, their records and handoffs."""
-    from .runner import client_condition
+    from collafuse.federation.inprocess import client_condition
     cfg, sch, t_c = fed.cfg, fed.schedule, fed.cut_level
     cap = cfg.eval.disclosure_records
     condition = client_condition(cfg, fed.data)

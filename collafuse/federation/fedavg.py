@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, 
 from flwr.common import serde
 from flwr.serverapp.strategy import FedAvg
 
-from .config import Config
-from .runner import Federation, open_run, train_rounds
+from collafuse.config import Config
+from collafuse.federation.inprocess import Federation, open_run, train_rounds
 
 SERVER_NODE = 0
 
@@ -79,8 +79,8 @@ def fedavg_round(fed: Federation, strategy: FedAvg, server_round: int) -> dict:
 
 def run_fedavg(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> tuple[dict, Federation]:
     """The FedAvg baseline of cfg (same data, splits, rounds, client steps), measured like a CollaFuse run."""
-    from .evaluate import evaluate
-    from .measure import measure
+    from collafuse.measure.evaluate import evaluate
+    from collafuse.measure.blocks import measure
     out, wall = Path(out), time.perf_counter()
     cfg, fed = open_run(fedavg_config(cfg), out, resume=resume)
     if not resume:  # one global initial model, as Flower's ServerApp would send in round 1

@@ -6,8 +6,10 @@ scalar fields. `encode` gives the real bytes that travel (in-process or inside a
 values and the sender. A violation raises ProtocolError naming the field; the receiver's state is
 untouched because decoding happens before any state changes.
 
-What a client sends: HandoffBatch (noised images at the cut, with client-chosen record ids),
-SamplingRequest, ClientReport (plain metrics). Never x_0, never the client's noise, never labels.
+What the server sends: RoundRequest (what it asks of a round), SamplingHandoffs. What a client sends:
+HandoffBatch (noised images at the cut, with client-chosen record ids), SamplingRequest, ClientReport
+(plain metrics), Refusal (the request broke the client's policy). Never x_0, never the client's noise
+or secret, never labels.
 """
 from __future__ import annotations
 
@@ -26,6 +28,28 @@ SAMPLERS = ("ddpm", "ddim")
 
 class ProtocolError(ValueError):
     """A message that must not be accepted; the text names the field and what was expected."""
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """Server -> client: what the server asks of one round. The client checks it against its own policy."""
+
+    client_id: int
+    run: str  # the server's run id: names the client's model state for this run, nothing else
+    round: int
+    level: int  # the cut level t_c the server trains above; handoffs are noised to it
+    mode: str  # "once" or "fresh"
+    first_view: int  # send views first_view .. first_view + n_views - 1 of every record
+    n_views: int
+    steps: int  # local training steps on levels 1..t_c
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Client -> server: the request broke the client's privacy policy; nothing else left the client."""
+
+    client_id: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -67,7 +91,9 @@ class ClientReport:
     metrics: dict = field(default_factory=dict)  # str -> float
 
 
-MESSAGES = {cls.__name__: cls for cls in (HandoffBatch, SamplingRequest, SamplingHandoffs, ClientReport)}
+MESSAGES = {cls.__name__: cls for cls in (RoundRequest, Refusal, HandoffBatch, SamplingRequest, SamplingHandoffs,
+                                          ClientReport)}
+MODES = ("once", "fresh")
 _TENSOR_SPECS = {  # field -> (dtype, number of dims)
     "record_ids": (torch.int64, 1), "views": (torch.int64, 1), "handoffs": (torch.float32, 4)}
 _ST_DTYPES = {"I64": torch.int64, "F32": torch.float32}
@@ -199,6 +225,16 @@ def _validate(msg, limits: Limits) -> None:
             raise ProtocolError(f"SamplingRequest.sampler: {msg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if msg.n > limits.max_batch:
             raise ProtocolError(f"SamplingRequest.n: {msg.n} exceeds the batch limit {limits.max_batch}")
+    if isinstance(msg, RoundRequest):
+        for key in ("round", "first_view", "n_views", "steps"):
+            _int(msg, key)
+        if not isinstance(msg.run, str) or not 0 < len(msg.run) <= 64 or not msg.run.isalnum():
+            raise ProtocolError(f"RoundRequest.run: must be 1-64 letters or digits, got {msg.run!r}")
+        if msg.mode not in MODES:
+            raise ProtocolError(f"RoundRequest.mode: {msg.mode!r}; choose one of {', '.join(MODES)}")
+    if isinstance(msg, Refusal):
+        if not isinstance(msg.reason, str) or len(msg.reason) > 2000:
+            raise ProtocolError("Refusal.reason: must be a text of at most 2000 characters")
     if isinstance(msg, ClientReport):
         if not isinstance(msg.metrics, dict):
             raise ProtocolError("ClientReport.metrics: must be a mapping of names to numbers")

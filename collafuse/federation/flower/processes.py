@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from collafuse.flower.certs import Certificates
+from collafuse.federation.flower.certs import Certificates
 
 # Every process we start gets these. The last one is also inherited by any SuperLink that
 # `flwr` starts by itself (the managed one behind `flwr run .`): without it Flower runs

@@ -6,11 +6,11 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from .models import EMA, Denoiser, ModelConfig, optimise
-from .protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest
-from .sampling import eta_of, level_grid, sample_levels
-from .schedule import NoiseSchedule
-from .state import load_role, role_tensors, split_prefix
+from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise
+from collafuse.core.protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest
+from collafuse.core.sampling import eta_of, level_grid, sample_levels
+from collafuse.core.schedule import NoiseSchedule
+from collafuse.core.state import load_role, role_tensors, split_prefix
 
 
 class Server:

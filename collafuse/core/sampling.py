@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .schedule import NoiseSchedule
+from collafuse.core.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}

@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from .inception import cache_root, load_inception
+from collafuse.measure.inception import cache_root, load_inception
 
 EXTRACTORS = ("domain", "inception")
 KID_SUBSETS = 100  # torchmetrics' default number of random subsets

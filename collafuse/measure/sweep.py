@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import Config, validate
-from .runner import CHECKPOINT
+from collafuse.config import Config, validate
+from collafuse.federation.inprocess import CHECKPOINT
 
 BASELINES = ("fresh", "fedavg")
 PAPER_CUTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -82,9 +82,9 @@ def run_state(folder: Path) -> str:
 def sweep(cfg: Config, cuts: list[float], baselines: list[str], out: str | Path, *, resume: bool = False,
           progress: bool = True) -> list[Path]:
     """Run every planned run not yet finished (continuing unfinished ones with resume), then write the report."""
-    from .fedavg import run_fedavg
-    from .report import write_report
-    from .runner import run
+    from collafuse.federation.fedavg import run_fedavg
+    from collafuse.measure.report import write_report
+    from collafuse.federation.inprocess import run
     out = Path(out)
     runs = plan(cfg, cuts, baselines)
     partial = [r.name for r in runs if run_state(out / r.name) == "partial"]
@@ -110,7 +110,7 @@ def sweep(cfg: Config, cuts: list[float], baselines: list[str], out: str | Path,
 def _check_same(r: RunSpec, folder: Path) -> None:
     """A finished run is reused only if it ran exactly this sweep's config."""
     import json
-    from .fedavg import fedavg_config
+    from collafuse.federation.fedavg import fedavg_config
     planned = json.loads(json.dumps((fedavg_config(r.cfg) if r.kind == "fedavg" else r.cfg).to_dict()))
     saved = json.loads((folder / "config.json").read_text())
     diff = sorted(k for k in planned if planned[k] != saved.get(k))

@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .models import EMA, Denoiser, ModelConfig, optimise
-from .privacy import clip_records
-from .protocol import HandoffBatch, SamplingHandoffs, SamplingRequest
-from .sampling import eta_of, level_grid, sample_levels
-from .schedule import NoiseSchedule
-from .state import load_role, role_tensors
+from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise
+from collafuse.roles.privacy import clip_records
+from collafuse.core.protocol import HandoffBatch, SamplingHandoffs, SamplingRequest
+from collafuse.core.sampling import eta_of, level_grid, sample_levels
+from collafuse.core.schedule import NoiseSchedule
+from collafuse.core.state import load_role, role_tensors
 
 
 class Client:

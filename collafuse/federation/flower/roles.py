@@ -23,14 +23,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .. import protocol
-from ..client import Client
-from ..config import Config, load_config
-from ..models import device_auto
-from ..protocol import ClientReport, HandoffBatch, Limits, SamplingHandoffs, SamplingRequest
-from ..schedule import NoiseSchedule
-from ..server import Server
-from ..state import load_state, save_state
+from collafuse.core import protocol
+from collafuse.roles.client import Client
+from collafuse.config import Config, load_config
+from collafuse.core.models import device_auto
+from collafuse.core.protocol import ClientReport, HandoffBatch, Limits, SamplingHandoffs, SamplingRequest
+from collafuse.core.schedule import NoiseSchedule
+from collafuse.roles.server import Server
+from collafuse.core.state import load_state, save_state
 
 DATA_FILE = "data.safetensors"  # a client's train/test images and labels
 EVALUATOR_FILE = "evaluator.safetensors"  # the measuring instrument (domain classifier), same for every client
@@ -65,9 +65,9 @@ def _same_run(a: Config, b: Config) -> bool:
 
 def prepare_data(cfg: Config, out: str | Path) -> list[Path]:
     """Write out/client-<k>/ for every client: its own split (data.safetensors) and the shared evaluator."""
-    from ..evaluate import domain_labels, own_classes, own_targets
-    from ..quality import train_domain_classifier
-    from ..runner import build, client_condition
+    from collafuse.measure.evaluate import domain_labels, own_classes, own_targets
+    from collafuse.measure.quality import train_domain_classifier
+    from collafuse.federation.inprocess import build, client_condition
     out = Path(out)
     fed = build(cfg, device=torch.device("cpu"))
     data = fed.data
@@ -241,7 +241,7 @@ def client_limits(cfg: Config, client_id: int) -> Limits:
 
 def client_sample(cfg: Config, place: ClientPlace, session: str, blob: bytes) -> bytes:
     """Finish the server's handoffs, keep the images on this client's disk, reply a ClientReport of numbers."""
-    from ..images import save_grid
+    from collafuse.measure.images import save_grid
     msg = protocol.decode(blob, client_limits(cfg, place.client_id), expect=SamplingHandoffs)
     client, progress = open_client(cfg, place, session)
     s, folder = cfg.sampling, place.session_dir(session)
@@ -260,7 +260,7 @@ def client_sample(cfg: Config, place: ClientPlace, session: str, blob: bytes) ->
 
 def client_quality(cfg: Config, place: ClientPlace, images: torch.Tensor) -> dict:
     """FID/KID (and own-class share) against the client's held-out images, as evaluate.py measures them."""
-    from ..quality import DomainClassifier, evaluate_quality, feature_extractor
+    from collafuse.measure.quality import DomainClassifier, evaluate_quality, feature_extractor
     data = load_client_data(cfg, place.client_id, place.data_path)
     info_path = place.data_path / EVAL_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {"domain_labels": None, "own_targets": None}

@@ -5,7 +5,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from collafuse.flower.roles import client_round, client_sample, flower_config, place_from_configs
+from collafuse.federation.flower.roles import client_round, client_sample, flower_config, place_from_configs
 
 app = ClientApp()
 # Several SuperNodes (or Ray actors) share a machine's cores: intra-op threads only contend for them.

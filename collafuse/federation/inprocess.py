@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import protocol
-from .client import Client
-from .config import Config, load_config
-from .data import ClientSplit, ImageSet, client_splits, load_images
-from .models import device_auto
-from .protocol import Limits
-from .schedule import NoiseSchedule
-from .server import Server
-from .state import load_state, save_state
+from collafuse.core import protocol
+from collafuse.roles.client import Client
+from collafuse.config import Config, load_config
+from collafuse.data import ClientSplit, ImageSet, client_splits, load_images
+from collafuse.core.models import device_auto
+from collafuse.core.protocol import Limits
+from collafuse.core.schedule import NoiseSchedule
+from collafuse.roles.server import Server
+from collafuse.core.state import load_state, save_state
 
 CHECKPOINT = "checkpoint"
 
@@ -222,8 +222,8 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = 
         capture: bool = False) -> tuple[dict, Federation]:
     """Train for cfg.rounds rounds (checkpointing each), then sample and measure per client."""
     # The measurement side pulls in torchmetrics and dp-accounting; keep the core import light.
-    from .evaluate import evaluate
-    from .measure import measure  # the disclosure, cost and DP blocks (docs/metrics.md)
+    from collafuse.measure.evaluate import evaluate
+    from collafuse.measure.blocks import measure  # the disclosure, cost and DP blocks (docs/metrics.md)
     out, wall = Path(out), time.perf_counter()
     cfg, fed = open_run(cfg, out, resume=resume, capture=capture)
     train_rounds(fed, out, train_round, progress=progress)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from collafuse.flower.certs import make_certificates, registration_help
+from collafuse.federation.flower.certs import make_certificates, registration_help
 
 flower_app = typer.Typer(no_args_is_help=True)
 
@@ -55,7 +55,7 @@ def prepare_data_command(
 ) -> None:
     """Write each client's own split (and the shared evaluator) to OUT/client-<k>/, for its node config data-path."""
     from collafuse.config import load_config
-    from collafuse.flower.roles import prepare_data
+    from collafuse.federation.flower.roles import prepare_data
     try:
         folders = prepare_data(load_config(config, set_), out)
     except (ValueError, FileNotFoundError) as e:
@@ -79,8 +79,8 @@ def run_local_command(
 ) -> None:
     """Prepare data, start a local SuperLink + one SuperNode per client (TLS + auth), run, collect, stop all."""
     from collafuse.config import load_config
-    from collafuse.flower.local import run_local
-    from collafuse.flower.processes import FlowerProcessError
+    from collafuse.federation.flower.local import run_local
+    from collafuse.federation.flower.processes import FlowerProcessError
     try:
         result = run_local(load_config(config, set_), config, set_, out, simulation=simulation, insecure=insecure,
                            round_timeout=round_timeout, app=app_dir)

@@ -12,8 +12,8 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from collafuse.flower.roles import ServerSide, flower_config
-from collafuse.protocol import ProtocolError
+from collafuse.federation.flower.roles import ServerSide, flower_config
+from collafuse.core.protocol import ProtocolError
 
 app = ServerApp()
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from collafuse.config import Config
-from collafuse.flower.certs import Certificates, make_certificates
-from collafuse.flower.processes import FlowerProcess, FlowerRun, LocalFederation
-from collafuse.flower.roles import prepare_data
+from collafuse.federation.flower.certs import Certificates, make_certificates
+from collafuse.federation.flower.processes import FlowerProcess, FlowerRun, LocalFederation
+from collafuse.federation.flower.roles import prepare_data
 
-APP_DIR = Path(__file__).resolve().parents[2]  # the folder whose pyproject.toml declares the Flower app
+APP_DIR = Path(__file__).resolve().parents[3]  # the folder whose pyproject.toml declares the Flower app
 
 
 def app_dir(path: str | Path | None = None) -> Path:

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .client import Client
-from .images import save_grid
-from .protocol import ClientReport
-from .quality import evaluate_quality, feature_extractor, train_domain_classifier
+from collafuse.roles.client import Client
+from collafuse.measure.images import save_grid
+from collafuse.core.protocol import ClientReport
+from collafuse.measure.quality import evaluate_quality, feature_extractor, train_domain_classifier
 
 OWN_CLASS_MIN_SHARE = 0.05  # a class counts as the client's own when >= 5% of its training records carry it
 

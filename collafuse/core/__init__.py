@@ -1,0 +1,1 @@
+"""The maths and the wire: schedule, sampling, models, protocol, role state. Knows nothing above it."""

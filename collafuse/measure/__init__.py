@@ -1,0 +1,1 @@
+"""Measurement of a finished federation: quality, disclosure attacks, cost, reports, sweeps."""

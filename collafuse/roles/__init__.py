@@ -1,0 +1,1 @@
+"""One party each: the client (with its privacy policy, release ledger and noise) and the server."""
