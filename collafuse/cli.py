@@ -54,6 +54,9 @@ def run(config: Optional[str] = typer.Option(None, "--config", "-c", help="Prese
         typer.echo(f"client {cid}: FID {m['fid']:.2f}  KID {m['kid_mean']:.4f}" + "".join(shares))
     typer.echo(f"bytes up {metrics['bytes_up']:,}  down {metrics['bytes_down']:,}  "
                f"wall {metrics['wall_seconds']:.0f} s")
+    for entry in metrics["participation"]["log"]:
+        for cid, reason in entry["refused"].items():
+            typer.echo(f"round {entry['round']}: client {cid} refused: {reason}")
 
 
 @app.command()
@@ -120,6 +123,26 @@ def report(run_dirs: list[Path] = typer.Argument(None, help="Finished run folder
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(f"report: {path}")
+
+
+@app.command()
+def ledger(client_state: Path = typer.Option(..., "--client-state", help="A client's state folder (Flower: its "
+                                             "state-path; in-process: <run>/clients/client-<k>)."),
+           delta: Optional[float] = typer.Option(None, "--delta", help="delta of the printed epsilon (default: "
+                                                 "the client's policy.toml, else 1e-5).")):
+    """Print what a client has released over its lifetime: views per record and the epsilon spent."""
+    from collafuse.roles.policy import PrivacyPolicy, ReleaseLedger
+    try:
+        path = client_state / "ledger.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: --client-state must be a client's state folder "
+                                    f"(it holds secret.key and ledger.jsonl once the client has released anything)")
+        policy_file = client_state / "policy.toml"
+        policy = PrivacyPolicy.from_file(policy_file) if policy_file.is_file() else PrivacyPolicy()
+        summary = ReleaseLedger(path).summary(delta or policy.delta)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(json.dumps(summary, indent=1))
 
 
 @app.command("fetch-weights")

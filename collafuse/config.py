@@ -9,6 +9,7 @@ from pathlib import Path
 
 from collafuse.core.models import ModelConfig
 from collafuse.core.schedule import NoiseSchedule
+from collafuse.roles.policy import PrivacyPolicy
 
 
 @dataclass
@@ -49,6 +50,13 @@ class ClientConfig:
     lr: float = 1e-3
     condition: str = "none"  # none | class | attributes: the client's private labels, never sent
     ema_decay: float = 0.99  # sampling weights: EMA over ~100 steps (0 = off)
+    # What the in-process clients allow (min_cut, modes, max_views, epsilon, delta, clip_norm): the client's
+    # policy, checked against every server request. On Flower each SuperNode sets its own (docs/flower.md);
+    # a run config's client.policy is ignored there, because the server operator writes the run config.
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    # "private": a 256-bit secret made once per client and kept in its folder. "pinned-for-tests": derived
+    # from seed and client id, so anyone can recompute the noise: for reproducible tests and benchmarks only.
+    noise_secret: str = "private"
 
 
 @dataclass
@@ -56,7 +64,6 @@ class HandoffConfig:
     mode: str = "once"  # once: each view of a record made and sent once | fresh: new views every round
     views: int = 1  # once: views per record over the whole run
     batch: int = 512  # records per message
-    clip_norm: float | None = None  # L2 clipping of records before noising (formal DP accounting)
 
 
 @dataclass
@@ -173,9 +180,21 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"client.condition {cfg.client.condition!r} is unknown; choose none, class or attributes")
     if cfg.handoff.mode not in ("once", "fresh"):
         raise ValueError(f"handoff.mode {cfg.handoff.mode!r} is unknown; choose once or fresh")
+    client_policy(cfg)  # raises on a policy no client could hold
+    if cfg.client.noise_secret not in NOISE_SECRETS:
+        raise ValueError(f"client.noise_secret {cfg.client.noise_secret!r} is unknown; choose "
+                         f"{' or '.join(NOISE_SECRETS)} (pinned-for-tests makes the noise guessable)")
     for key in ("rounds", "handoff.views", "handoff.batch", "data.clients", "server.batch_size",
                 "client.batch_size", "sampling.n", "eval.disclosure_records", "eval.mia_draws"):
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+NOISE_SECRETS = ("private", "pinned-for-tests")
+
+
+def client_policy(cfg: Config) -> PrivacyPolicy:
+    """The in-process clients' privacy policy, validated (Flower clients read their own, never the run's)."""
+    return PrivacyPolicy.from_mapping(dataclasses.asdict(cfg.client.policy), "client.policy")

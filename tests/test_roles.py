@@ -4,23 +4,30 @@ import torch
 
 from collafuse.core import protocol
 from collafuse.config import load_config
-from collafuse.measure.evaluate import report_up, split_sample
 from collafuse.core.protocol import ClientReport, HandoffBatch, ProtocolError, SamplingRequest
-from collafuse.federation.inprocess import build, train_round
+from collafuse.federation.inprocess import build, start
+from collafuse.measure.evaluate import split_sample
 
 
 def smoke(*overrides):
     return load_config("smoke", ["rounds=1", *overrides])
 
 
+def engine(tmp_path, *overrides, capture=False):
+    """The round engine over the in-process transport, and the federation it drives."""
+    e, f, _ = start(smoke(*overrides), tmp_path, capture=capture, device=torch.device("cpu"))
+    return e, f
+
+
 @pytest.fixture(scope="module")
-def fed():
-    f = build(smoke(), capture=True, device=torch.device("cpu"))
-    train_round(f)
-    train_round(f)
-    # The sampling exchange and a metrics report: every kind of message a client ever sends.
+def fed(tmp_path_factory):
+    # A real (private) noise secret: the leak test looks for it in everything that left the client.
+    e, f = engine(tmp_path_factory.mktemp("leak"), "client.noise_secret=private", capture=True)
+    e.run_round()
+    e.run_round()
+    # The sampling exchange: every kind of message a client ever sends.
     split_sample(f, f.clients[0], 4, server_steps=3, client_steps=2, sampler="ddpm", seed=0)
-    report_up(f, f.clients[0], {"fid": 1.0})
+    f.wire.up(ClientReport(client_id=0, metrics={"fid": 1.0}), f.server.limits)
     return f
 
 
@@ -28,9 +35,19 @@ def client_messages(f):
     return [protocol.decode(blob) for direction, _, blob in f.wire.captured if direction == "up"]
 
 
-def test_leak_no_message_carries_x0_noise_or_labels(fed):
+def test_leak_no_message_carries_x0_noise_secret_or_labels(fed, tmp_path_factory):
     sent = client_messages(fed)
     assert {type(m) for m in sent} == {HandoffBatch, SamplingRequest, ClientReport}
+    # The 256-bit secret is on the client's disk (0600) and in no message, log, metrics or checkpoint file.
+    run = fed.clients[0].ledger.path.parents[2]
+    for c in fed.clients:
+        secret = (run / "clients" / f"client-{c.id}" / "secret.key").read_bytes()
+        assert secret == c._secret and len(secret) == 32
+        assert all(secret not in blob and secret.hex().encode() not in blob for _, _, blob in fed.wire.captured)
+        for path in run.rglob("*"):
+            if path.is_file() and path.name != "secret.key":
+                data = path.read_bytes()
+                assert secret not in data and secret.hex().encode() not in data, path
     for m in sent:  # requests and reports carry only scalars: no tensor at all
         if not isinstance(m, HandoffBatch):
             assert not any(isinstance(v, torch.Tensor) for v in vars(m).values())
@@ -40,7 +57,7 @@ def test_leak_no_message_carries_x0_noise_or_labels(fed):
     for m in msgs:
         client = fed.clients[m.client_id]
         x0 = client.images[m.record_ids]
-        noise = torch.stack([client._view_noise(v)[r] for r, v in zip(m.record_ids.tolist(), m.views.tolist())])
+        noise = torch.stack([client.view_noise(v)[r] for r, v in zip(m.record_ids.tolist(), m.views.tolist())])
         # Exactly the handoff of the record, and nothing else in the message.
         assert torch.allclose(m.handoffs, ab ** 0.5 * x0 + (1 - ab) ** 0.5 * noise, atol=1e-6)
         sent = [m.handoffs, m.record_ids.float(), m.views.float()]
@@ -61,43 +78,47 @@ def test_leak_no_message_carries_x0_noise_or_labels(fed):
         assert not torch.equal(m.views, labels) or labels.unique().numel() == 1
 
 
-def test_once_mode_sends_each_record_views_times_over_the_run():
-    f = build(smoke("handoff.views=3"), device=torch.device("cpu"))
+def test_once_mode_sends_each_record_views_times_over_the_run(tmp_path):
+    e, f = engine(tmp_path, "handoff.views=3", "client.policy.max_views=3")
     for _ in range(3):
-        train_round(f)
+        e.run_round()
     for c in f.clients:
         assert all(f.server.received[(c.id, r)] == 3 for r in range(c.num_records))
     assert f.server.num_handoffs() == 3 * sum(c.num_records for c in f.clients)
-    bytes_after = sum(f.wire.bytes_up.values())
-    train_round(f)
-    assert sum(f.wire.bytes_up.values()) == bytes_after  # nothing more is sent
+    handoffs_after, received = sum(f.wire.bytes_up.values()), dict(f.server.received)
+    e.run_round()
+    # Nothing more is sent but each client's report and sampling request (no handoff: ~600 bytes each).
+    assert dict(f.server.received) == received and sum(f.wire.bytes_up.values()) - handoffs_after < 3 * 1000
 
 
-def test_fresh_mode_sends_new_views_every_round():
-    f = build(smoke("handoff.mode=fresh"), device=torch.device("cpu"))
-    train_round(f)
+def test_fresh_mode_sends_new_views_every_round(tmp_path):
+    e, f = engine(tmp_path, "handoff.mode=fresh", "client.policy.modes=[\"once\",\"fresh\"]",
+                  "client.policy.max_views=100")
+    e.run_round()
     first = f.server.num_handoffs()
-    train_round(f)
+    e.run_round()  # 15 steps x 32 draws over 480 records: one new view of each record per round
     for c in f.clients:
         assert all(f.server.received[(c.id, r)] == 2 for r in range(c.num_records))
+        assert c.ledger.summary(1e-5)["max_views"] == 2 and c.views_made == 2
     assert f.server.num_handoffs() == first  # the server trains on this round's views only
 
 
 @pytest.mark.parametrize("cut,client_trains,server_trains", [(0.0, False, True), (1.0, True, False)])
-def test_centralised_and_local_only_use_the_same_code_path(cut, client_trains, server_trains):
-    f = build(smoke(f"cut={cut}"), device=torch.device("cpu"))
-    entry = train_round(f)
-    assert (entry["loss"]["client0"] == entry["loss"]["client0"]) == client_trains  # nan when no levels
-    assert (entry["loss"]["server"] == entry["loss"]["server"]) == server_trains
+def test_centralised_and_local_only_use_the_same_code_path(tmp_path, cut, client_trains, server_trains):
+    e, f = engine(tmp_path, f"cut={cut}", "client.policy.min_cut=0")  # the clients consent to c = 0
+    entry = e.run_round()
+    assert ("client0" in entry["loss"] and entry["loss"]["client0"] is not None) == client_trains  # no levels
+    assert (entry["loss"]["server"] is not None) == server_trains
     if cut == 0.0:  # the handoff is the raw image: centralised training
         assert f.server.num_handoffs() == sum(c.num_records for c in f.clients)
-    else:  # local-only: nothing is sent
-        assert sum(f.wire.bytes_up.values()) == 0
+    else:  # local-only: no handoff is sent (nor recorded), only the report and the sampling request
+        assert f.server.num_handoffs() == 0
+        assert all(c.ledger.summary(1e-5)["records"] == 0 for c in f.clients)
 
 
 def test_a_bad_message_changes_nothing_on_the_server(fed):
     held = fed.server.num_handoffs()
-    good = fed.clients[0].make_handoffs(1, 8)[0]
+    good = fed.clients[0].make_handoffs([0], 8)[0]
     bad = HandoffBatch(client_id=0, level=good.level, record_ids=good.record_ids, views=good.views,
                        handoffs=torch.full_like(good.handoffs, float("inf")))
     with pytest.raises(ProtocolError, match="handoffs: contains NaN or infinite"):
@@ -111,7 +132,7 @@ def test_more_clients_than_records_is_refused():
 
 
 def test_server_refuses_to_train_without_handoffs():
-    f = build(smoke(), device=torch.device("cpu"))
+    f = build(smoke(), device=torch.device("cpu"))  # no state folder: ledgers in memory
     with pytest.raises(RuntimeError, match="holds no handoffs"):
         f.server.train(1)
 

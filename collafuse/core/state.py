@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -61,3 +62,15 @@ def load_role(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Gen
     model.load_state_dict(split_prefix(tensors, "model/"))
     load_optimizer(opt, split_prefix(tensors, "opt/"), meta["optimizer"])
     gen.set_state(tensors["generator"])
+
+
+def swap_in(out: Path, name: str, write) -> None:
+    """Write folder out/name through write(tmp_folder), then swap it in whole: a crash keeps the previous one."""
+    tmp, final, old = (out / f"{name}{s}" for s in (".tmp", "", ".old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -12,12 +12,14 @@ import json
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.common import serde
 from flwr.serverapp.strategy import FedAvg
 
 from collafuse.config import Config
-from collafuse.federation.inprocess import Federation, open_run, train_rounds
+from collafuse.federation.inprocess import Federation, open_run, save_checkpoint
 
 SERVER_NODE = 0
 
@@ -88,8 +90,11 @@ def run_fedavg(cfg: Config, out: str | Path, *, resume: bool = False, progress: 
         for c in fed.clients[1:]:
             c.model.load_state_dict(state)
     strategy = FedAvg(min_train_nodes=len(fed.clients), min_available_nodes=len(fed.clients))
-    train_rounds(fed, out, lambda f: fedavg_round(f, strategy, f.round + 1), progress=progress,
-                 desc="fedavg rounds")
+    with open(out / "log.jsonl", "a") as log:
+        for _ in tqdm(range(fed.round, cfg.rounds), desc="fedavg rounds", unit="round", disable=not progress):
+            entry = fedavg_round(fed, strategy, fed.round + 1)
+            save_checkpoint(fed, out)
+            log.write(json.dumps(entry) + "\n")
     metrics = evaluate(fed, out, progress=progress)
     metrics.update(measure(fed))
     metrics["baseline"] = "fedavg"

@@ -1,47 +1,57 @@
-"""In-process federation: N clients and one server in one process, talking only through the protocol."""
+"""In-process federation: N clients and one server in one process, talking only through protocol bytes.
+
+`build` makes the roles from a config; `InProcessTransport` hands the round engine's requests to the
+clients' side of the engine in this process; `run` is the whole job (rounds, sampling, measurement).
+One process is one trust domain (docs/threat-model.md): the clients' policies and ledgers are still
+the clients' own, and every byte still crosses the protocol, but nothing stops this process from
+reading any party's memory.
+"""
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from collafuse.core import protocol
-from collafuse.roles.client import Client
-from collafuse.config import Config, load_config
-from collafuse.data import ClientSplit, ImageSet, client_splits, load_images
+from collafuse.config import Config, client_policy
 from collafuse.core.models import device_auto
 from collafuse.core.protocol import Limits
 from collafuse.core.schedule import NoiseSchedule
+from collafuse.core.state import load_state, save_state, swap_in
+from collafuse.core import protocol
+from collafuse.data import ClientSplit, ImageSet, client_splits, load_images
+from collafuse.data.condition import client_condition
+from collafuse.federation.engine import CHECKPOINT, ROUND, Engine, serve_round, serve_samples
+from collafuse.roles.client import Client
+from collafuse.roles.noise import load_or_create_secret, new_secret, pinned_secret
+from collafuse.roles.policy import ReleaseLedger
 from collafuse.roles.server import Server
-from collafuse.core.state import load_state, save_state
 
-CHECKPOINT = "checkpoint"
+CLIENTS = "clients"  # <run>/clients/client-<k>/: each in-process client's secret and release ledger
 
 
 class Wire:
-    """The in-process transport: every message is encoded to bytes, counted, optionally kept, then decoded."""
+    """What crossed between the parties: bytes per client each way, and (optionally) every message."""
 
     def __init__(self, capture: bool = False):
         self.bytes_up: Counter = Counter()  # client id -> bytes sent to the server
         self.bytes_down: Counter = Counter()  # client id -> bytes received from the server
         self.captured: list[tuple[str, int, bytes]] | None = [] if capture else None
 
-    def _carry(self, direction: str, msg, limits: Limits):
-        blob = protocol.encode(msg)
-        (self.bytes_up if direction == "up" else self.bytes_down)[msg.client_id] += len(blob)
+    def carry(self, direction: str, client_id: int, blob: bytes) -> bytes:
+        (self.bytes_up if direction == "up" else self.bytes_down)[client_id] += len(blob)
         if self.captured is not None:
-            self.captured.append((direction, msg.client_id, blob))
-        return protocol.decode(blob, limits, expect=type(msg))
+            self.captured.append((direction, client_id, blob))
+        return blob
+
+    def _carry(self, direction: str, msg, limits: Limits):
+        return protocol.decode(self.carry(direction, msg.client_id, protocol.encode(msg)), limits, expect=type(msg))
 
     def up(self, msg, limits: Limits):
-        """Client -> server."""
+        """Client -> server, for the exchanges outside the round engine (FedAvg's, `collafuse sample`)."""
         return self._carry("up", msg, limits)
 
     def down(self, msg, limits: Limits):
@@ -77,8 +87,20 @@ class Federation:
                       level=self.cut_level, max_bytes=self.cfg.max_message_bytes)
 
 
-def build(cfg: Config, capture: bool = False, device: torch.device | None = None) -> Federation:
-    """Load the data, split it over the clients and make the roles, all seeded by cfg.seed."""
+def client_secret(cfg: Config, client_id: int, folder: Path | None) -> bytes:
+    """The client's noise secret: made once and kept in its folder, or pinned (tests and benchmarks only)."""
+    if cfg.client.noise_secret == "pinned-for-tests":
+        return pinned_secret(cfg.seed, client_id)
+    return load_or_create_secret(folder) if folder is not None else new_secret()
+
+
+def build(cfg: Config, capture: bool = False, device: torch.device | None = None,
+          state: Path | None = None) -> Federation:
+    """Load the data, split it over the clients and make the roles, all seeded by cfg.seed.
+
+    `state`: where each client keeps its secret and release ledger (<state>/client-<k>); None keeps the
+    ledgers in memory, for a federation that will not release anything it must remember.
+    """
     device = device or device_auto()
     d = cfg.data
     data = load_images(d.name, root=d.root, image_size=d.image_size, channels=d.channels,
@@ -88,147 +110,124 @@ def build(cfg: Config, capture: bool = False, device: torch.device | None = None
     schedule = NoiseSchedule(cfg.schedule.T, cfg.schedule.kind)
     t_c = schedule.cut_level(cfg.cut)
     condition = client_condition(cfg, data)
-    clients = [Client.from_config(cfg, k, data.images[s.train], data.labels[s.train], schedule=schedule,
-                                  condition=None if condition is None else condition[s.train],
-                                  num_classes=data.num_classes, device=device)
-               for k, s in enumerate(splits)]
+    policy = client_policy(cfg)
+    clients = []
+    for k, s in enumerate(splits):
+        folder = None if state is None else state / f"client-{k}"
+        clients.append(Client.from_config(
+            cfg, k, data.images[s.train], data.labels[s.train], schedule=schedule,
+            condition=None if condition is None else condition[s.train], num_classes=data.num_classes,
+            device=device, secret=client_secret(cfg, k, folder), policy=policy,
+            ledger=ReleaseLedger(None if folder is None else folder / "ledger.jsonl")))
     server = Server.from_config(cfg, schedule=schedule, image_shape=tuple(data.images.shape[1:]), device=device)
     return Federation(cfg, schedule, t_c, data, splits, clients, server, Wire(capture))
 
 
-def client_condition(cfg: Config, data: ImageSet) -> torch.Tensor | None:
-    """What each client's model conditions on, per record, as configured."""
-    kind = cfg.client.condition
-    if kind == "class":
-        if data.num_classes < 2:
-            raise ValueError(f"client.condition=class, but data set {data.name!r} has no class labels; "
-                             f"use client.condition=none" + (" or attributes" if data.attributes is not None else ""))
-        return data.labels
-    if kind == "attributes":
-        if data.attributes is None:
-            raise ValueError(f"client.condition=attributes, but data set {data.name!r} has no attributes; "
-                             f"use client.condition=class or none")
-        return data.attributes
-    return None
+class InProcessTransport:
+    """The round engine's transport in one process: each request's bytes go to the client's side, and back."""
 
+    def __init__(self, fed: Federation, out: Path):
+        self.fed, self.out = fed, out
+        self.evaluations: dict | None = None  # client id -> ClientEvaluation, made before sampling
 
-def views_to_send(fed: Federation, client: Client) -> int:
-    """How many new views of each record a client sends this round."""
-    h = fed.cfg.handoff
-    if h.mode == "once":
-        return h.views - client.views_made
-    # fresh: enough new views that every record the server draws this round is a new noisy copy.
-    total = sum(c.num_records for c in fed.clients)
-    return max(1, math.ceil(fed.cfg.server.steps_per_round * fed.cfg.server.batch_size / total))
+    def clients(self) -> list[int]:
+        return [c.id for c in self.fed.clients]
 
+    def exchange(self, kind: str, requests: dict[int, bytes]) -> dict[int, list[bytes]]:
+        replies = {}
+        for cid, blob in requests.items():
+            client, wire = self.fed.clients[cid], self.fed.wire
+            wire.carry("down", cid, blob)
+            t0 = time.perf_counter()
+            if kind == ROUND:
+                reply = serve_round(client, self.fed.cfg, blob)
+            else:
+                reply = serve_samples(client, self.fed.cfg, blob, (self.evaluations or {}).get(cid), self.out)
+            self.fed.seconds[f"client{cid}.{'train' if kind == ROUND else 'sample'}"] += time.perf_counter() - t0
+            replies[cid] = [wire.carry("up", cid, b) for b in reply]
+        return replies
 
-def exchange_handoffs(fed: Federation) -> None:
-    """Clients send the handoffs this round needs; the server stores them."""
-    if not fed.server.has_levels:
-        return
-    for client in fed.clients:
-        n_views = views_to_send(fed, client)
-        if n_views and fed.cfg.handoff.mode == "fresh":
-            fed.server.forget(client.id)
-        for msg in client.make_handoffs(n_views, fed.cfg.handoff.batch):
-            fed.server.ingest(fed.wire.up(msg, fed.server.limits))
+    def state(self, folder: Path) -> None:
+        """The clients' models and progress go into the run's checkpoint (one trust domain)."""
+        for c in self.fed.clients:
+            save_state(folder / f"client-{c.id}", *c.state())
+        (folder / "wire.json").write_text(json.dumps({"wire": self.fed.wire.state(),
+                                                      "seconds": dict(self.fed.seconds)}))
 
-
-def train_round(fed: Federation) -> dict:
-    """One round: handoffs, then every client's and the server's training steps."""
-    t0 = time.perf_counter()
-    exchange_handoffs(fed)
-    fed.seconds["clients.handoffs"] += time.perf_counter() - t0
-    losses = {}
-    for client in fed.clients:
-        t0 = time.perf_counter()
-        losses[f"client{client.id}"] = client.train(fed.cfg.client.steps_per_round)
-        fed.seconds[f"client{client.id}.train"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    losses["server"] = fed.server.train(fed.cfg.server.steps_per_round)
-    fed.seconds["server.train"] += time.perf_counter() - t0
-    fed.round += 1
-    return {"round": fed.round, "loss": losses, "bytes_up": sum(fed.wire.bytes_up.values()),
-            "bytes_down": sum(fed.wire.bytes_down.values())}
-
-
-def save_checkpoint(fed: Federation, out: Path) -> None:
-    """All role states and the run's progress; the folder is swapped in whole, so a crash keeps the last one."""
-    tmp, final = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_state(tmp / "server", *fed.server.state())
-    for c in fed.clients:
-        save_state(tmp / f"client-{c.id}", *c.state())
-    (tmp / "progress.json").write_text(json.dumps(
-        {"round": fed.round, "wire": fed.wire.state(), "seconds": dict(fed.seconds)}, indent=1))
-    old = out / f"{CHECKPOINT}.old"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    def load(self, folder: Path) -> None:
+        for c in self.fed.clients:
+            c.load(*load_state(folder / f"client-{c.id}"))
+        saved = json.loads((folder / "wire.json").read_text())
+        self.fed.wire.load(saved["wire"])
+        self.fed.seconds = Counter(saved["seconds"])
 
 
 def load_checkpoint(fed: Federation, out: Path) -> None:
+    """Every role as the run's last checkpoint left it (for `collafuse sample` on a trained run)."""
     ckpt = out / CHECKPOINT
     if not (ckpt / "progress.json").is_file():
-        raise FileNotFoundError(f"no checkpoint in {out}: nothing to resume; start the run without --resume")
+        raise FileNotFoundError(f"no checkpoint in {out}: nothing to sample from; train the run first")
     fed.server.load(*load_state(ckpt / "server"))
-    for c in fed.clients:
-        c.load(*load_state(ckpt / f"client-{c.id}"))
-    progress = json.loads((ckpt / "progress.json").read_text())
-    fed.round = progress["round"]
-    fed.wire.load(progress["wire"])
-    fed.seconds = Counter(progress["seconds"])
+    InProcessTransport(fed, out).load(ckpt)
+    fed.round = json.loads((ckpt / "progress.json").read_text())["round"]
 
 
-def _resolve_resume(cfg: Config, out: Path) -> Config:
-    saved = load_config(str(out / "config.json"))
-    mine, theirs = cfg.to_dict(), saved.to_dict()
-    mine.pop("rounds"), theirs.pop("rounds")
-    if mine != theirs:
-        diff = sorted(k for k in mine if mine[k] != theirs[k])
-        raise ValueError(f"--resume continues the run saved in {out}, but the config differs in {diff}; "
-                         f"only rounds may change on resume (use a new --out for a new run)")
-    return cfg
-
-
-def open_run(cfg: Config, out: Path, *, resume: bool, capture: bool = False) -> tuple[Config, Federation]:
-    """Start a run folder (never over an existing run) or reopen one at its last checkpoint."""
-    if resume:
-        cfg = _resolve_resume(cfg, out)
-    elif (out / CHECKPOINT).exists():
+def start(cfg: Config, out: str | Path, *, resume: bool = False, capture: bool = False,
+          device: torch.device | None = None) -> tuple[Engine, Federation, InProcessTransport]:
+    """Build the federation and the round engine over it (resumed from the run folder's checkpoint if asked)."""
+    out = Path(out)
+    if not resume and (out / CHECKPOINT).exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    fed = build(cfg, capture=capture)
-    if resume:
-        load_checkpoint(fed, out)
-    return cfg, fed
-
-
-def train_rounds(fed: Federation, out: Path, round_fn, *, progress: bool, desc: str = "rounds") -> None:
-    """Run round_fn until cfg.rounds, with a checkpoint and a log line after every round."""
-    with open(out / "log.jsonl", "a") as log:
-        bar = tqdm(range(fed.round, fed.cfg.rounds), desc=desc, disable=not progress, unit="round")
-        for _ in bar:
-            entry = round_fn(fed)
-            save_checkpoint(fed, out)
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-            bar.set_postfix({k: f"{v:.3f}" for k, v in entry["loss"].items() if v == v})
+    fed = build(cfg, capture=capture, device=device, state=out / CLIENTS)
+    transport = InProcessTransport(fed, out)
+    engine = Engine(cfg, out, transport, resume=resume, server=fed.server)
+    fed.round = engine.round
+    return engine, fed, transport
 
 
 def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
         capture: bool = False) -> tuple[dict, Federation]:
     """Train for cfg.rounds rounds (checkpointing each), then sample and measure per client."""
     # The measurement side pulls in torchmetrics and dp-accounting; keep the core import light.
-    from collafuse.measure.evaluate import evaluate
-    from collafuse.measure.blocks import measure  # the disclosure, cost and DP blocks (docs/metrics.md)
+    from collafuse.measure.blocks import measure  # the disclosure and cost blocks (docs/metrics.md)
+    from collafuse.measure.evaluate import client_evaluations
     out, wall = Path(out), time.perf_counter()
-    cfg, fed = open_run(cfg, out, resume=resume, capture=capture)
-    train_rounds(fed, out, train_round, progress=progress)
-    metrics = evaluate(fed, out, progress=progress)
+    engine, fed, transport = start(cfg, out, resume=resume, capture=capture)
+    engine.run_rounds(progress=progress)
+    fed.round = engine.round
+    transport.evaluations = client_evaluations(fed)
+    dropped = engine.sample()
+    fed.seconds.update({k: engine.seconds[k] for k in ("server.train", "server.sample")})
+    metrics = engine.metrics(dropped)
+    metrics["quality"]["domain_labels"] = next(iter(transport.evaluations.values())).domain_kind
     metrics.update(measure(fed))
     metrics["wall_seconds"] = time.perf_counter() - wall
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    engine.write_metrics(metrics)
     return metrics, fed
+
+
+def open_run(cfg: Config, out: Path, *, resume: bool) -> tuple[Config, Federation]:
+    """A run folder for a baseline outside the round engine (FedAvg): new, or reopened at its checkpoint."""
+    from collafuse.federation.engine import same_run
+    from collafuse.config import load_config
+    if resume:
+        if not same_run(load_config(str(out / "config.json")), cfg):
+            raise ValueError(f"--resume continues the run saved in {out}, but the config differs; only rounds may "
+                             f"change on resume (use a new --out for a new run)")
+    elif (out / CHECKPOINT).exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    fed = build(cfg, state=out / CLIENTS)
+    if resume:
+        load_checkpoint(fed, out)
+    return cfg, fed
+
+
+def save_checkpoint(fed: Federation, out: Path) -> None:
+    """The baseline's roles and progress, swapped in whole."""
+    def write(folder: Path) -> None:
+        save_state(folder / "server", *fed.server.state())
+        InProcessTransport(fed, out).state(folder)
+        (folder / "progress.json").write_text(json.dumps({"round": fed.round}))
+    swap_in(out, CHECKPOINT, write)

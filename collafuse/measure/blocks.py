@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from collafuse.measure import attacks
 from collafuse.measure.attacks import MIA_TARGET_FPR, chance_level, distribution_disclosure, mia_metrics, mia_scores
 from collafuse.measure.cost import denoiser_flops, train_step_flops
-from collafuse.roles.privacy import clip_records, dp_block, range_clip_norm
+from collafuse.roles.privacy import clip_records
 from collafuse.core.sampling import level_grid
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut
@@ -26,23 +26,12 @@ MAX_KVIEWS = 64
 
 
 def measure(fed, *, extractor=None) -> dict:
-    """The 'disclosure' (None when eval.disclosure is off), 'cost' and 'dp' blocks for a trained federation."""
+    """The 'disclosure' (None when eval.disclosure is off) and 'cost' blocks for a trained federation.
+
+    The 'dp' block comes from the round engine: each client's ledger counts what its records released.
+    """
     return {"disclosure": disclosure_block(fed, extractor) if fed.cfg.eval.disclosure else None,
-            "cost": cost_block(fed), "dp": dp_summary(fed)}
-
-
-# ---------------------------------------------------------------- formal DP
-
-def dp_summary(fed) -> dict:
-    """Per-record (epsilon, delta) of the handoffs each record actually left the client in (privacy.dp_block)."""
-    cfg = fed.cfg
-    ab = float(fed.schedule.alpha_bar[fed.cut_level])
-    clip = cfg.handoff.clip_norm
-    source = "handoff.clip_norm"
-    if clip is None:  # images in [-1, 1] are bounded by their value range: no clipping needed
-        clip, source = range_clip_norm(tuple(fed.data.images.shape[1:])), "value range [-1, 1]"
-    views = max(c.views_made for c in fed.clients) if fed.server.has_levels else 0
-    return {**dp_block(ab, clip_norm=clip, views=views, delta=cfg.eval.dp_delta), "clip_source": source}
+            "cost": cost_block(fed)}
 
 
 # ---------------------------------------------------------------- cost
@@ -100,7 +89,7 @@ def cost_block(fed) -> dict:
     return {"method": "torch FlopCounterMode on one step per role and phase, times the steps done; model FLOPs "
                       "(2 per multiply-add), elementwise work not counted",
             "clients": clients, "client_total": totals, "client_mean": {k: v / len(clients) for k, v in totals.items()},
-            "server": server, "handoff_seconds": fed.seconds["clients.handoffs"],
+            "server": server,
             "bytes_up": sum(fed.wire.bytes_up.values()), "bytes_down": sum(fed.wire.bytes_down.values())}
 
 
@@ -117,7 +106,7 @@ def _extractor(fed):
 
 def _attack_sets(fed, gen) -> list[dict]:
     """Per client: up to eval.disclosure_records members and non-members, their records and handoffs."""
-    from collafuse.federation.inprocess import client_condition
+    from collafuse.data.condition import client_condition
     cfg, sch, t_c = fed.cfg, fed.schedule, fed.cut_level
     cap = cfg.eval.disclosure_records
     condition = client_condition(cfg, fed.data)

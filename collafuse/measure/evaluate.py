@@ -1,16 +1,23 @@
 """After training: each client gets samples through the split chain and measures them on its own held-out images."""
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from collafuse.roles.client import Client
-from collafuse.measure.images import save_grid
 from collafuse.core.protocol import ClientReport
-from collafuse.measure.quality import evaluate_quality, feature_extractor, train_domain_classifier
+from collafuse.measure.images import save_grid
+from collafuse.measure.quality import DomainClassifier, evaluate_quality, feature_extractor, train_domain_classifier
+from collafuse.roles.client import Client
+
+EVALUATOR_FILE = "evaluator.safetensors"  # the measuring instrument (domain classifier), same for every client
+EVAL_FILE = "evaluation.json"  # how a client's samples are measured
 
 OWN_CLASS_MIN_SHARE = 0.05  # a class counts as the client's own when >= 5% of its training records carry it
 
@@ -53,7 +60,7 @@ def own_targets(fed, client: Client, domain) -> list[int] | None:
 
 def split_sample(fed, client: Client, n: int, *, server_steps: int, client_steps: int, sampler: str,
                  seed: int) -> torch.Tensor:
-    """The whole sampling exchange for one client: request, server levels, handoffs back, client levels."""
+    """The whole sampling exchange for one client of a trained run: request, server levels, client levels."""
     t0 = time.perf_counter()
     req = fed.wire.up(client.sampling_request(n, server_steps, sampler, seed), fed.server.limits)
     handoffs = fed.wire.down(fed.server.sample_to_cut(req), fed.client_limits)
@@ -62,12 +69,6 @@ def split_sample(fed, client: Client, n: int, *, server_steps: int, client_steps
     fed.seconds["server.sample"] += t1 - t0
     fed.seconds[f"client{client.id}.sample"] += time.perf_counter() - t1
     return images
-
-
-def report_up(fed, client: Client, numbers: dict) -> dict:
-    """A client's metrics travel to the server as a ClientReport; the server only learns these numbers."""
-    msg = fed.wire.up(ClientReport(client_id=client.id, metrics=numbers), fed.server.limits)
-    return msg.metrics
 
 
 def quality_features(fed):
@@ -86,38 +87,81 @@ def quality_features(fed):
     return domain, classifier, feature_extractor(cfg.eval.extractor, classifier=classifier)
 
 
-def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
-    """Per-client samples (a grid each) and quality against the client's held-out images; metrics dict."""
-    cfg, data = fed.cfg, fed.data
+@dataclass
+class ClientEvaluation:
+    """How one client measures its samples: against its own held-out images, with the run's instrument."""
+
+    reference: torch.Tensor  # the client's held-out images
+    extractor: torch.nn.Module
+    classifier: DomainClassifier | None
+    own: list[int] | None  # the classifier outputs that count as the client's own
+    domain_kind: str | None  # what the classifier tells apart: "class", "client" or None
+
+    def measure(self, images: torch.Tensor) -> dict:
+        """FID, KID (and own-class or own-client share) of samples, as numbers a ClientReport may carry."""
+        quality = evaluate_quality(images, self.reference, extractor=self.extractor,
+                                   classifier=self.classifier if self.own is not None else None,
+                                   client_classes=self.own)
+        numbers = {k: v for k, v in quality.items() if isinstance(v, (int, float))}
+        if self.domain_kind == "client" and "own_class_share" in numbers:
+            numbers["own_client_share"] = numbers.pop("own_class_share")  # classes here are clients
+        numbers["n_test"] = len(self.reference)
+        return numbers
+
+    @classmethod
+    def from_folder(cls, extractor_name: str, folder: Path, reference: torch.Tensor) -> "ClientEvaluation":
+        """A Flower client's evaluation, from the instrument `collafuse flower prepare-data` left in its folder."""
+        info_path = folder / EVAL_FILE
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {"domain_labels": None,
+                                                                             "own_targets": None}
+        classifier = None
+        if (folder / EVALUATOR_FILE).is_file():
+            path = str(folder / EVALUATOR_FILE)
+            with safe_open(path, "pt") as f:
+                arch = json.loads(f.metadata()["config"])
+            arch.pop("arch")
+            arch["image_size"] = tuple(arch["image_size"])
+            classifier = DomainClassifier(**arch)
+            classifier.load_state_dict(load_file(path))
+            classifier.eval()
+        elif extractor_name == "domain":
+            raise FileNotFoundError(f"{folder / EVALUATOR_FILE} not found: eval.extractor=domain needs the "
+                                    f"evaluator written by `collafuse flower prepare-data`, or run with "
+                                    f"--set eval.extractor=inception")
+        return cls(reference, feature_extractor(extractor_name, classifier=classifier), classifier,
+                   info["own_targets"] if classifier is not None else None, info["domain_labels"])
+
+
+def client_evaluations(fed) -> dict[int, ClientEvaluation]:
+    """Each in-process client's evaluation: the run's domain classifier, its own held-out images."""
     domain, classifier, extractor = quality_features(fed)
-    has_labels = domain is not None and domain[0] == "class"
+    return {c.id: ClientEvaluation(fed.data.images[split.test], extractor, classifier,
+                                   own_targets(fed, c, domain), domain[0] if domain else None)
+            for c, split in zip(fed.clients, fed.splits)}
+
+
+def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
+    """Samples (a grid each) and quality per client, for a baseline run outside the round engine (FedAvg)."""
+    cfg, s = fed.cfg, fed.cfg.sampling
+    evaluations = client_evaluations(fed)
     per_client = {}
-    s = cfg.sampling
-    for client, split in tqdm(list(zip(fed.clients, fed.splits)), desc="sampling", disable=not progress):
+    for client in tqdm(fed.clients, desc="sampling", disable=not progress):
         images = split_sample(fed, client, s.n, server_steps=s.server_steps, client_steps=s.client_steps,
                               sampler=s.sampler, seed=cfg.seed * 7 + client.id)
         save_grid(images, out / f"samples_client{client.id}.png")
-        own = own_targets(fed, client, domain)
-        quality = evaluate_quality(images, data.images[split.test], extractor=extractor,
-                                   classifier=classifier if own is not None else None, client_classes=own)
-        numbers = {k: float(v) for k, v in quality.items() if isinstance(v, (int, float))}
-        if domain is not None and domain[0] == "client" and "own_class_share" in numbers:
-            numbers["own_client_share"] = numbers.pop("own_class_share")  # classes here are clients
+        numbers = evaluations[client.id].measure(images)
+        report = fed.wire.up(ClientReport(client_id=client.id, metrics=numbers), fed.server.limits)
         per_client[str(client.id)] = {
-            **report_up(fed, client, numbers),
-            "n_train": client.num_records, "n_test": len(split.test),
-            "classes": own_classes(client.labels, data.num_classes) if has_labels else None,
-            "bytes_up": fed.wire.bytes_up[client.id], "bytes_down": fed.wire.bytes_down[client.id],
+            **report.metrics, "n_train": client.num_records,
             "train_seconds": fed.seconds[f"client{client.id}.train"],
             "sample_seconds": fed.seconds[f"client{client.id}.sample"],
             "params": client.model.num_parameters(),
-        }
+            "bytes_up": fed.wire.bytes_up[client.id], "bytes_down": fed.wire.bytes_down[client.id]}
+    kind = next(iter(evaluations.values())).domain_kind
     return {
-        "schema": 1,
-        "cut": cfg.cut, "cut_level": fed.cut_level, "T": cfg.schedule.T, "rounds": fed.round,
+        "schema": 2, "cut": cfg.cut, "cut_level": fed.cut_level, "T": cfg.schedule.T, "rounds": fed.round,
         "handoff_mode": cfg.handoff.mode, "views": cfg.handoff.views,
-        "quality": {"extractor": cfg.eval.extractor, "domain_labels": domain[0] if domain else None,
-                    "n_samples": s.n, "sampler": s.sampler,
+        "quality": {"extractor": cfg.eval.extractor, "domain_labels": kind, "n_samples": s.n, "sampler": s.sampler,
                     "server_steps": s.server_steps, "client_steps": s.client_steps},
         "clients": per_client,
         "server": {"train_seconds": fed.seconds["server.train"], "sample_seconds": fed.seconds["server.sample"],

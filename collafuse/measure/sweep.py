@@ -11,6 +11,7 @@ from collafuse.config import Config, validate
 from collafuse.federation.inprocess import CHECKPOINT
 
 BASELINES = ("fresh", "fedavg")
+FRESH_MAX_VIEWS = 10**6  # the paper's fresh mode sends a new view of every record each round, without end
 PAPER_CUTS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -57,13 +58,26 @@ def equal_steps(cfg: Config) -> Config:
     return dataclasses.replace(cfg, sampling=s)
 
 
+def consenting(cfg: Config, **policy) -> Config:
+    """cfg with its in-process clients' policy relaxed as given: a sweep's clients agree to what it measures."""
+    return dataclasses.replace(cfg, client=dataclasses.replace(
+        cfg.client, policy=dataclasses.replace(cfg.client.policy, **policy)))
+
+
 def plan(cfg: Config, cuts: list[float], baselines: list[str]) -> list[RunSpec]:
-    """The runs of a sweep: CollaFuse at every cut, fresh mode at cfg.cut, FedAvg; all from the same config."""
+    """The runs of a sweep: CollaFuse at every cut, fresh mode at cfg.cut, FedAvg; all from the same config.
+
+    Every run's clients allow the cut it measures (down to 0, where the raw records leave); the fresh-mode
+    run's clients allow fresh views without limit. Outside a sweep the clients' own policy stands.
+    """
     if not cuts:
         raise ValueError("--cuts is empty; give at least one cut ratio, e.g. --cuts 0,0.2,1")
-    runs = [RunSpec(f"cut-{c:.2f}", equal_steps(dataclasses.replace(cfg, cut=c)), "collafuse") for c in cuts]
+    low = min(cfg.client.policy.min_cut, *cuts)
+    runs = [RunSpec(f"cut-{c:.2f}", equal_steps(consenting(dataclasses.replace(cfg, cut=c), min_cut=low)),
+                    "collafuse") for c in cuts]
     if "fresh" in baselines:
-        fresh = dataclasses.replace(cfg, handoff=dataclasses.replace(cfg.handoff, mode="fresh"))
+        fresh = consenting(dataclasses.replace(cfg, handoff=dataclasses.replace(cfg.handoff, mode="fresh")),
+                           min_cut=low, modes=("once", "fresh"), max_views=FRESH_MAX_VIEWS)
         runs.append(RunSpec(f"fresh-{cfg.cut:.2f}", equal_steps(fresh), "fresh"))
     if "fedavg" in baselines:
         runs.append(RunSpec("fedavg", equal_steps(dataclasses.replace(cfg, cut=1.0)), "fedavg"))

@@ -1,36 +1,43 @@
-"""The client role: private images, labels and noise; the low-noise levels 1..t_c."""
+"""The client role: private images, labels and noise; the low-noise levels 1..t_c; its own privacy policy."""
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
 
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise
-from collafuse.roles.privacy import clip_records
-from collafuse.core.protocol import HandoffBatch, SamplingHandoffs, SamplingRequest
+from collafuse.core.protocol import (ClientReport, HandoffBatch, Refusal, RoundRequest, SamplingHandoffs,
+                                     SamplingRequest)
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors
+from collafuse.roles.noise import handoff_noise, record_digests
+from collafuse.roles.policy import PolicyViolation, PrivacyPolicy, Release, ReleaseLedger
+from collafuse.roles.privacy import clip_records, range_clip_norm
 
 
 class Client:
-    """Owns a partition, its private labels and noise seed, and a (small) model for levels <= t_c.
+    """Owns a partition, its private labels, noise secret, policy and release ledger, and a model for levels <= t_c.
 
     `condition` (optional, per record): class ids (N,) int64 or attribute vectors (N, A) float; the
     client's model conditions on it and it never leaves the client. `labels` serve only the client's
-    own measurements.
+    own measurements. `policy` is what the client's owner allows; every server request is checked
+    against it and the `ledger` of everything released before, and refused when outside.
     """
 
     def __init__(self, client_id: int, images: torch.Tensor, labels: torch.Tensor, *, schedule: NoiseSchedule,
-                 cut_level: int, model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
+                 cut_level: int, model: ModelConfig, secret: bytes, ledger: ReleaseLedger,
+                 policy: PrivacyPolicy = PrivacyPolicy(), lr: float = 1e-3, batch_size: int = 64,
                  condition: torch.Tensor | None = None, num_classes: int | None = None,
-                 clip_norm: float | None = None, ema_decay: float = 0.0, seed: int = 0,
-                 noise_seed: int | None = None, device: torch.device | str = "cpu"):
+                 ema_decay: float = 0.0, seed: int = 0, device: torch.device | str = "cpu"):
         if images.shape[0] == 0:
             raise ValueError(f"client {client_id} has no training records; use fewer clients or another partition")
         self.id, self.schedule, self.t_c = client_id, schedule, cut_level
         self.images, self.labels = images, labels
         self.device, self.batch_size = torch.device(device), batch_size
-        self.clip_norm = clip_norm
+        self.policy, self.ledger = policy, ledger
+        self.clip_norm = policy.clip_norm
         self.condition = condition
         vector = condition is not None and condition.dim() == 2
         self.model = Denoiser(model, images.shape[-1], images.shape[1],
@@ -39,45 +46,103 @@ class Client:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.ema = EMA(self.model, ema_decay)
         self.gen = torch.Generator().manual_seed(seed)
-        # The secret behind every handoff; it never leaves the client.
-        self._noise_seed = noise_seed if noise_seed is not None else seed + 7919
-        self.views_made = 0
+        # The secret behind every handoff's noise; it never leaves the client (nor its state folder).
+        self._secret = secret
+        self.digests = record_digests(images)  # who a record is, by content, across runs and sessions
+        self.views_made = 0  # the highest view index sent + 1 (the ledger holds the full history)
         self.steps_done = 0
 
     @classmethod
     def from_config(cls, cfg, client_id: int, images: torch.Tensor, labels: torch.Tensor, *,
                     schedule: NoiseSchedule, condition: torch.Tensor | None, num_classes: int | None,
-                    device: torch.device, noise_seed: int | None = None) -> "Client":
-        """Client `client_id` as a run Config describes it, over its own records."""
+                    device: torch.device, secret: bytes, ledger: ReleaseLedger,
+                    policy: PrivacyPolicy) -> "Client":
+        """Client `client_id` as a run Config describes it, over its own records, under its owner's policy."""
         c = cfg.client
         return cls(client_id, images, labels, schedule=schedule, cut_level=schedule.cut_level(cfg.cut),
-                   model=c.model, lr=c.lr, batch_size=c.batch_size, condition=condition, num_classes=num_classes,
-                   clip_norm=cfg.handoff.clip_norm, ema_decay=c.ema_decay, seed=cfg.seed * 1000 + client_id,
-                   noise_seed=noise_seed, device=device)
+                   model=c.model, secret=secret, ledger=ledger, policy=policy, lr=c.lr, batch_size=c.batch_size,
+                   condition=condition, num_classes=num_classes, ema_decay=c.ema_decay,
+                   seed=cfg.seed * 1000 + client_id, device=device)
 
     @property
     def num_records(self) -> int:
         return self.images.shape[0]
 
-    def _view_noise(self, view: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self._noise_seed * 1_000_003 + view)
-        return torch.randn(self.images.shape, generator=g)
+    def release(self) -> Release:
+        """The mechanism this client's handoffs are released under: its cut and its records' L2 bound."""
+        bound = self.clip_norm if self.clip_norm is not None else range_clip_norm(tuple(self.images.shape[1:]))
+        return Release(level=self.t_c, T=self.schedule.T, alpha_bar=float(self.schedule.alpha_bar[self.t_c]),
+                       clip_norm=float(bound))
+
+    def view_noise(self, view: int, release: Release | None = None) -> torch.Tensor:
+        """The private noise of one view of every record: a PRF of the secret, the record, the mechanism, the view."""
+        key = (release or self.release()).key()
+        return handoff_noise(self._secret, self.digests, key, view, tuple(self.images.shape[1:]))
 
     def private_records(self) -> torch.Tensor:
-        """The records as the handoff sees them: clipped to L2 norm clip_norm when formal DP is on."""
+        """The records as the handoff sees them: clipped to L2 norm clip_norm when the policy says so."""
         return self.images if self.clip_norm is None else clip_records(self.images, self.clip_norm)
 
-    def make_handoffs(self, n_views: int, batch: int) -> list[HandoffBatch]:
-        """The next n_views independent views of every record, noised to t_c, in messages of <= batch records."""
+    def make_handoffs(self, views: list[int], batch: int, *, run: str = "", round: int = 0) -> list[HandoffBatch]:
+        """Views `views` of every record, noised to t_c, in messages of <= batch records.
+
+        The policy and the ledger decide first (PolicyViolation if they refuse); the ledger is written
+        before anything leaves. A view released before is re-made bit for bit: the server learns nothing new.
+        """
+        if not views:
+            return []
+        release = self.release()
+        self.ledger.plan(self.digests, release, views, self.policy)
+        self.ledger.record(self.digests, release, views, run=run, round=round)
         x0, out = self.private_records(), []
         levels = torch.full((self.num_records,), self.t_c, dtype=torch.long)
-        for view in range(self.views_made, self.views_made + n_views):
-            y = self.schedule.noise(x0, levels, self._view_noise(view))
+        for view in views:
+            y = self.schedule.noise(x0, levels, self.view_noise(view, release))
             for start in range(0, self.num_records, batch):
                 ids = torch.arange(start, min(start + batch, self.num_records))
                 out.append(HandoffBatch(client_id=self.id, level=self.t_c, record_ids=ids,
                                         views=torch.full_like(ids, view), handoffs=y[ids].float()))
-        self.views_made += n_views
+        self.views_made = max(self.views_made, max(views) + 1)
+        return out
+
+    def check(self, req: RoundRequest) -> list[int]:
+        """The views a request asks for, if this client's policy and ledger allow them (else PolicyViolation)."""
+        self.policy.check_request(level=req.level, T=self.schedule.T, mode=req.mode)
+        if req.level != self.t_c:
+            raise PolicyViolation(f"the server asks for handoffs at level {req.level}, but this client runs levels "
+                                  f"1..{self.t_c} (its cut); the run's cut must match on both sides")
+        views = list(range(req.first_view, req.first_view + req.n_views))
+        if views and self.t_c < self.schedule.T:
+            self.ledger.plan(self.digests, self.release(), views, self.policy)
+        return views
+
+    def answer(self, req: RoundRequest, *, handoff_batch: int, sampling: SamplingRequest) -> list:
+        """One round as the server asked, if the policy allows: local steps, then the handoffs.
+
+        Replies [ClientReport, SamplingRequest, HandoffBatch...], or [Refusal] with nothing else: a refused
+        request costs no training and releases nothing.
+        """
+        try:
+            views = self.check(req) if self.t_c < self.schedule.T else []
+        except PolicyViolation as e:
+            return [Refusal(client_id=self.id, reason=str(e))]
+        t0 = time.perf_counter()
+        loss = self.train(req.steps)
+        seconds = time.perf_counter() - t0
+        batches = self.make_handoffs(views, handoff_batch, run=req.run, round=req.round)
+        numbers = {"n_train": self.num_records, "views_made": self.views_made, "steps_done": self.steps_done,
+                   "train_seconds": seconds, **self.released()}
+        if loss == loss:  # nan: no levels below the cut
+            numbers["loss"] = loss
+        return [ClientReport(client_id=self.id, metrics=numbers), sampling, *batches]
+
+    def released(self) -> dict:
+        """What this client's records have released over its lifetime, from its ledger (numbers only)."""
+        summary = self.ledger.summary(self.policy.delta)
+        out = {"records_released": summary["records"], "views_released": summary["record_views"],
+               "delta": self.policy.delta}
+        if summary["epsilon_max"] is not None:  # None: unbounded, the raw records left (c = 0)
+            out["epsilon"] = float(summary["epsilon_max"])
         return out
 
     def train(self, steps: int) -> float:

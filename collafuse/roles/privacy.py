@@ -85,6 +85,39 @@ def handoff_epsilon(
     return float(acc.get_epsilon(delta))
 
 
+def releases_epsilon(multipliers: list[float], delta: float, accountant: str = "pld") -> float:
+    """Per-record epsilon at `delta` of composing Gaussian mechanisms, one noise multiplier per distinct release."""
+    _check_views_delta_accountant(0, delta, accountant)
+    for m in multipliers:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or math.isnan(m) or m < 0:
+            raise ValueError(f"noise multipliers must be numbers >= 0 (handoff_mechanism), got {m!r}")
+    counts: dict[float, int] = {}
+    for m in multipliers:
+        if m != math.inf:  # a release that carries no signal costs nothing
+            counts[float(m)] = counts.get(float(m), 0) + 1
+    if not counts:
+        return 0.0
+    if 0.0 in counts:
+        return math.inf  # c = 0: the raw record left the client
+    import dp_accounting  # imported here, as in handoff_epsilon
+    from dp_accounting import pld, rdp
+    groups = sorted(counts.items())  # a canonical order: the same multiset always gives the same number
+    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(m), k) for m, k in groups]
+    if accountant == "rdp":
+        acc = rdp.RdpAccountant()
+    else:
+        if len(groups) == 1:
+            m, k = groups[0]
+            effective = m / math.sqrt(k)  # written as handoff_epsilon does, so equal multipliers agree exactly
+        else:
+            # Gaussians compose like one Gaussian with 1/m^2 summed: size the PLD grid on that, as handoff_epsilon does
+            effective = 1.0 / math.sqrt(sum(k / m**2 for m, k in groups))
+        loss_range = 1.0 / (2.0 * effective**2) + 10.0 / effective
+        acc = pld.PLDAccountant(value_discretization_interval=max(_PLD_MIN_INTERVAL, loss_range / _PLD_BUCKETS))
+    acc.compose(events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events))
+    return float(acc.get_epsilon(delta))
+
+
 def dp_block(
     alpha_bar_cut: float, *, clip_norm: float, views: int, delta: float, accountant: str = "pld"
 ) -> dict:

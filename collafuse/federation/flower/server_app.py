@@ -1,38 +1,88 @@
-"""Flower ServerApp: moves the Server role's protocol bytes; rounds, dropouts and checkpoints live in roles.py.
+"""Flower ServerApp: the round engine over a Flower Grid. This file only moves protocol bytes.
 
-Per round one message per node ("train.round": local steps + handoffs back), then one "query.sample" per
-node (handoffs down, a ClientReport of numbers up). A node that errs or misses the round timeout is skipped
-for that round and asked again in the next; whatever the server already holds stays.
+Per round one "train.round" message per client (a RoundRequest down; the client's answer up), then one
+"query.sample" per client (SamplingHandoffs down, a ClientReport up). Which node is which client is
+learnt once per node with a "query.hello" and kept (in the checkpoint) for the run. A node that errs,
+misses the timeout or sends a reply the engine rejects is skipped for that round and asked again in
+the next; the run goes on with the others.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from collafuse.federation.flower.roles import ServerSide, flower_config
-from collafuse.core.protocol import ProtocolError
+from collafuse.core import protocol
+from collafuse.core.protocol import ClientReport, Limits, ProtocolError
+from collafuse.federation.engine import ROUND, Engine
+from collafuse.federation.flower.roles import flower_config
 
 app = ServerApp()
+MESSAGE_TYPES = {ROUND: "train.round", "sample": "query.sample", "hello": "query.hello"}
 
 
-def ask(grid: Grid, configs: dict[int, dict], message_type: str, group: str,
-        timeout: float) -> tuple[dict[int, list[bytes]], dict[int, str]]:
-    """Send each node its config record; return (replies by node, why each other node dropped out)."""
-    msgs = [Message(RecordDict({"wire": ConfigRecord(config)}), dst_node_id=node, message_type=message_type,
-                    group_id=group, ttl=timeout + 10)  # a node that returns later must not start stale work
-            for node, config in configs.items()]
-    replies, dropped = {}, {}
-    for m in grid.send_and_receive(msgs, timeout=timeout):
-        node = m.metadata.src_node_id
-        if m.has_error():
-            dropped[node] = f"error {m.error.code}: {m.error.reason}"
-        else:
-            replies[node] = list(m.content["wire"]["blobs"])
-    dropped.update({n: "no reply within the round timeout" for n in configs if n not in replies and n not in dropped})
-    return replies, dropped
+class FlowerTransport:
+    """The round engine's transport over a Flower Grid: client ids <-> node ids, bytes in ConfigRecords."""
+
+    def __init__(self, grid: Grid, *, clients: int, timeout: float):
+        self.grid, self.timeout = grid, timeout
+        self.known = frozenset(range(clients))
+        self.client_of: dict[int, int] = {}  # node id -> client id, bound at the node's first hello
+        self.run_id = ""
+        self.refused_nodes: dict[int, str] = {}
+
+    def _ask(self, message_type: str, configs: dict[int, dict], group: str) -> dict[int, list[bytes] | str]:
+        msgs = [Message(RecordDict({"wire": ConfigRecord(config)}), dst_node_id=node, message_type=message_type,
+                        group_id=group, ttl=self.timeout + 10)  # a node back later must not start stale work
+                for node, config in configs.items()]
+        replies: dict[int, list[bytes] | str] = {}
+        for m in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            node = m.metadata.src_node_id
+            try:
+                replies[node] = f"error {m.error.code}: {m.error.reason}" if m.has_error() else \
+                    [bytes(b) for b in m.content["wire"]["blobs"]]
+            except (KeyError, TypeError, ValueError) as e:  # a reply that is not a list of blobs at all
+                replies[node] = f"rejected: malformed reply ({e!r})"
+        return replies
+
+    def _greet(self) -> None:
+        """Learn the client id of every connected node not yet bound (first claim binds; see threat model)."""
+        new = [n for n in sorted(self.grid.get_node_ids()) if n not in self.client_of]
+        if not new:
+            return
+        limits = Limits(known_clients=self.known)
+        for node, reply in self._ask("query.hello", {n: {"run": self.run_id} for n in new}, "hello").items():
+            try:
+                if isinstance(reply, str) or len(reply) != 1:
+                    raise ProtocolError(f"hello: {reply if isinstance(reply, str) else len(reply)} ")
+                cid = protocol.decode(reply[0], limits, expect=ClientReport).client_id
+            except ProtocolError as e:
+                print(f"node {node}: no valid hello ({e}); asked again next round", flush=True)
+                continue
+            if cid in self.client_of.values():
+                print(f"node {node} claims client {cid}, which another node holds: refused", flush=True)
+                continue
+            self.client_of[node] = cid
+
+    def clients(self) -> list[int]:
+        self._greet()
+        connected = set(self.grid.get_node_ids())
+        return sorted(c for n, c in self.client_of.items() if n in connected)
+
+    def exchange(self, kind: str, requests: dict[int, bytes]) -> dict[int, list[bytes] | str]:
+        node_of = {c: n for n, c in self.client_of.items()}
+        configs = {node_of[cid]: {"run": self.run_id, "blobs": [blob]} for cid, blob in requests.items()}
+        replies = self._ask(MESSAGE_TYPES[kind], configs, kind)
+        return {self.client_of[node]: replies.get(node, "no reply within the round timeout") for node in configs}
+
+    def state(self, folder: Path) -> None:
+        (folder / "nodes.json").write_text(json.dumps({str(n): c for n, c in self.client_of.items()}))
+
+    def load(self, folder: Path) -> None:
+        self.client_of = {int(n): c for n, c in json.loads((folder / "nodes.json").read_text()).items()}
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
@@ -43,40 +93,20 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
     return nodes
 
 
-def take(replies: dict[int, list[bytes]], dropped: dict[int, str], store) -> list[int]:
-    """Hand every reply to the server's bookkeeping; a reply that fails validation counts as a dropout."""
-    accepted = []
-    for node, blobs in replies.items():
-        try:
-            accepted.append(store(node, blobs))
-        except ProtocolError as e:
-            dropped[node] = f"rejected: {e}"
-    return accepted
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = flower_config(rc)
     out = Path(str(rc["out-dir"]) or f"runs/flower-{context.run_id}")
-    side = ServerSide(cfg, out, resume=bool(rc["resume"]))
-    timeout = float(rc["round-timeout"])
+    transport = FlowerTransport(grid, clients=cfg.data.clients, timeout=float(rc["round-timeout"]))
+    engine = Engine(cfg, out, transport, resume=bool(rc["resume"]))
+    transport.run_id = engine.run_id
     wait_for_nodes(grid, cfg.data.clients, float(rc["node-timeout"]))
-    while side.round < cfg.rounds:
-        t0 = time.perf_counter()
-        nodes = sorted(grid.get_node_ids())  # every round: nodes that dropped out earlier may be back
-        configs = {n: side.round_request(n) for n in nodes}
-        replies, dropped = ask(grid, configs, "train.round", str(side.round), timeout)
-        replied = take(replies, dropped, side.take_round_reply)
-        entry = side.end_round(replied, dropped, time.perf_counter() - t0)
-        print(f"round {entry['round']}/{cfg.rounds}: clients {replied}, dropped {dropped}", flush=True)
+    engine.run_rounds(echo=lambda line: print(line, flush=True))
     t0 = time.perf_counter()
-    configs = {}
-    for node in sorted(grid.get_node_ids()):
-        if (blob := side.sampling_handoffs(node)) is not None:
-            configs[node] = {"session": side.session, "blobs": [blob]}
-    replies, dropped = ask(grid, configs, "query.sample", "sample", timeout)
-    sampled = take(replies, dropped, side.take_sample_reply)
-    path = side.write_metrics({"run_id": context.run_id, "sampling_seconds": time.perf_counter() - t0,
-                               "sampling_dropped": {str(n): r for n, r in dropped.items()}})
-    print(f"sampled clients {sampled}, dropped {dropped}; metrics: {path}", flush=True)
+    dropped = engine.sample()
+    metrics = engine.metrics(dropped)
+    metrics["flower"] = {"run_id": context.run_id, "sampling_seconds": time.perf_counter() - t0,
+                         "nodes": {str(n): c for n, c in transport.client_of.items()}}
+    path = engine.write_metrics(metrics)
+    print(f"sampled clients {sorted(metrics['clients'], key=int)}, dropped {dropped}; metrics: {path}", flush=True)
