@@ -11,7 +11,8 @@ NaN/Infinity tokens; tensor values, client ids, message names) and decodes it wi
 A finding is any of:
   crash     decode raised something other than ProtocolError (it would take the server down);
   escape    decode accepted a message that breaks a limit (re-checked here, independently of decode);
-  fallback  decode refused only through its last-line-of-defence wrapper (an explicit check is missing).
+  fallback  decode refused only through its last-line-of-defence wrapper (an explicit check is missing);
+  slow      decode took longer than --slow seconds on one message (a header crafted to be costly to parse).
 Each finding's blob is saved to --out with the mutations that made it, for reproduction:
 `protocol.decode(open(path, "rb").read(), fuzz_limits())`. Message i of a campaign depends only on
 (seed, i), so `--first i --messages 1` replays it.
@@ -197,6 +198,7 @@ class Mutator:
     def __init__(self, seeds: dict[str, object], limits: Limits):
         self.blobs = {k: protocol.encode(m) for k, m in seeds.items()}
         self.parts = {k: _split(b) for k, b in self.blobs.items()}
+        self.texts = {k: json.dumps(header) for k, (header, _) in self.parts.items()}
         self.bound = limits.handoff_bound
         self.structured = [self.field_value, self.field_drop, self.field_add, self.fields_retype, self.fields_dup,
                            self.metrics, self.message_name, self.meta_junk, self.client_swap, self.entry_dtype,
@@ -204,7 +206,7 @@ class Mutator:
                            self.header_retype, self.tensor_values, self.tensor_values, self.splice, self.relayout,
                            self.smuggle]
         self.textual = [self.nest_deep, self.dup_key, self.number_token, self.pad_whitespace, self.junk_text,
-                        self.length_prefix]
+                        self.length_prefix, self.quote_storm, self.wide]
         self.raw = [self.flip, self.flip, self.truncate, self.extend, self.insert_delete]
         # What each type is most worth attacking with, beyond the generic mutations: near-valid messages that
         # reach the range checks, not only the parser.
@@ -216,14 +218,18 @@ class Mutator:
 
     def mutate(self, rng: random.Random, kind: str) -> tuple[bytes, list[str]]:
         header, data = self.parts[kind]
-        meta = header["__metadata__"]
-        d = Draft(header=copy.deepcopy(header), fields=json.loads(meta["fields"]), data=bytearray(data))
+        # A fresh copy of the seed's header through JSON: several times faster than copy.deepcopy.
+        d = Draft(header=json.loads(self.texts[kind]), fields=json.loads(header["__metadata__"]["fields"]),
+                  data=bytearray(data))
         # Structure first, then the header text, then raw bytes: each stage works on what the last one made.
         picks = sorted((rng.choices((0, 1, 2, 3), weights=(5, 5, 2, 2))[0] for _ in range(rng.randint(1, 3))))
         ops = []
         for stage in picks:
             op = rng.choice((self.focus[kind], self.structured, self.textual, self.raw)[stage])
-            ops.append(op(rng, d))
+            try:
+                ops.append(op(rng, d))
+            except Exception as e:  # noqa: BLE001 - a mutation that does not fit what earlier ones made
+                ops.append(f"{op.__name__}(skipped: {type(e).__name__})")
         return d.bytes(), ops
 
     # -- structured mutations: header and fields as objects
@@ -397,7 +403,7 @@ class Mutator:
         elif how == 1 and type(d.header[key]) is dict:
             d.header[key]["extra"] = 1
         elif type(d.header[key]) is dict:
-            d.header[key].pop(rng.choice(["dtype", "shape", "data_offsets"]))
+            d.header[key].pop(rng.choice(["dtype", "shape", "data_offsets"]), None)
         return f"entry_form({key}, {how})"
 
     def entry_rename(self, rng, d):
@@ -538,6 +544,30 @@ class Mutator:
         d.header_text = text[:i] + junk + text[i:]
         return f"junk_text({junk!r} at {i})"
 
+    def quote_storm(self, rng, d):
+        """Escaped quotes without an end: a string scan that retries from every quote is quadratic (slow)."""
+        n = rng.choice((100, 10_000, 30_000))
+        storm = '"' + '\\"' * n
+        text = d.text()
+        i = rng.randrange(len(text) + 1)
+        d.header_text = rng.choice([storm, text[:i] + storm + text[i:], text[:-1] + ', "x": ' + storm])
+        return f"quote_storm({n} at {i})"
+
+    def wide(self, rng, d):
+        """Wide rather than deep: thousands of keys, list items or characters within the header limit."""
+        n = rng.choice((1000, 5000, 20_000))
+        how = rng.randrange(4)
+        if how == 0 and type(d.header) is dict:
+            d.header.update({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(n // 50)})
+        elif how == 1 and type(d.fields) is dict:
+            d.fields.update({f"f{i}": i for i in range(n // 10)})
+        elif how == 2 and type(d.fields) is dict:
+            d.fields[rng.choice(["reason", "run", "sampler", "metrics"])] = "x" * n
+        elif type(d.header) is dict and type(d.header.get("_")) is dict:
+            d.header["_"]["shape"] = [0] * (n // 3)
+        d.header_text = None  # structure changed: serialise again
+        return f"wide({how}, {n})"
+
     def length_prefix(self, rng, d):
         n = len(d.text().encode("utf-8", "surrogatepass"))
         d.prefix = rng.choice([0, 1, max(0, n - 1), n + 1, n + 8, 2**63, 2**64 - 1, 65537, rng.randrange(2**32)])
@@ -594,7 +624,7 @@ def _show(value) -> str:
 
 @dataclass
 class Finding:
-    what: str  # crash, escape or fallback
+    what: str  # crash, escape, fallback or slow
     index: int
     kind: str
     ops: list[str]
@@ -638,18 +668,27 @@ def decode_one(blob: bytes, limits: Limits, expect: type | None = None) -> tuple
     return msg, None, "escape" if bad else None
 
 
-def run(n: int, seed: int = 0, limits: Limits | None = None, first: int = 0, kinds=KINDS) -> Report:
-    """Decode n mutated messages (indices first .. first+n-1); count outcomes and keep every finding."""
+def run(n: int, seed: int = 0, limits: Limits | None = None, first: int = 0, kinds=KINDS,
+        slow_s: float = 1.0) -> Report:
+    """Decode n mutated messages (indices first .. first+n-1); count outcomes and keep every finding.
+
+    slow_s: a decode taking longer is a finding (a normal one takes ~0.1 ms; a quadratic parse of a crafted
+    64 KiB header takes a minute, so a generous bound still catches it on a busy machine).
+    """
     limits = limits or fuzz_limits()
     mutator = Mutator(seed_messages(), limits)
     report = Report()
     start = time.perf_counter()
     for i in range(first, first + n):
         kind, blob, ops = message(mutator, seed, i, kinds)
+        t0 = time.perf_counter()
         msg, error, finding = decode_one(blob, limits)
+        took = time.perf_counter() - t0
+        if took > slow_s and not finding:
+            finding, error = "slow", f"decode took {took:.2f} s ({error or 'accepted'})"
         (report.accepted if msg is not None else report.rejected)[kind] += 1
         if finding:
-            detail = error if msg is None else f"accepted but breaks {check_limits(msg, limits)}"
+            detail = error if msg is None or error else f"accepted but breaks {check_limits(msg, limits)}"
             report.findings.append(Finding(finding, i, kind, ops, detail, blob))
     report.messages, report.seconds = n, time.perf_counter() - start
     return report
@@ -662,9 +701,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first", type=int, default=0, help="index of the first message (replay one with --messages 1)")
     p.add_argument("--out", type=Path, default=Path("fuzz-findings"), help="where findings' blobs are saved")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--slow", type=float, default=1.0, help="seconds one decode may take before it is a finding")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = run(args.messages, args.seed, first=args.first)
+    report = run(args.messages, args.seed, first=args.first, slow_s=args.slow)
     print(f"{report.messages} messages in {report.seconds:.1f} s: {report.rate:,.0f} messages/s")
     for kind in KINDS:
         print(f"  {kind:17s} accepted {report.accepted[kind]:7d}  rejected {report.rejected[kind]:7d}")
@@ -680,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         path.with_suffix(".txt").write_text(f"{f.kind} <- {f.ops}\n{f.detail}\n")
         print(f"{f.what.upper()} #{f.index} ({f.kind} <- {'; '.join(f.ops)}): {signature[1]}\n  saved {path}")
     print(f"findings: {len(report.of('crash'))} crashes, {len(report.of('escape'))} escapes, "
-          f"{len(report.of('fallback'))} fallbacks")
+          f"{len(report.of('fallback'))} fallbacks, {len(report.of('slow'))} slow")
     return 1 if report.findings else 0
 
 

@@ -1,29 +1,35 @@
 """The collafuse Flower app: the glue without Flower (fast), then real deployment and simulation runs (slow)."""
 
 import json
+import re
 import stat
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+import torch
 from typer.testing import CliRunner
+
+from collafuse.cli import app as cli_app
 
 from collafuse.core import protocol
 from collafuse.config import load_config
-from collafuse.measure.evaluate import evaluate
+from collafuse.core.protocol import HandoffBatch, Refusal
+from collafuse.federation.engine import ROUND, Engine
 from collafuse.federation.flower.certs import make_certificates
 from collafuse.federation.flower.cli import flower_app
 from collafuse.federation.flower.local import app_dir, app_run_config, run_local, start_clients
 from collafuse.federation.flower.processes import LocalFederation, _descendants
-from collafuse.federation.flower.roles import (ClientPlace, ServerSide, client_round, client_sample, open_client,
-                                    place_from_configs, prepare_data)
-from collafuse.federation.inprocess import build, train_round
+from collafuse.federation.flower.roles import (ClientPlace, client_round, client_samples, open_client,
+                                               place_from_configs, prepare_data)
+from collafuse.federation.inprocess import run
+from collafuse.roles.policy import ReleaseLedger
 
 REPO = Path(__file__).resolve().parents[1]
-CLIENT_KEYS = ["fid", "kid_mean", "kid_std", "kid_subset_size", "n_samples", "n_reference", "own_class_share",
-               "n_train", "n_test", "classes", "bytes_up", "bytes_down", "train_seconds", "sample_seconds", "params"]
+CLIENT_KEYS = {"fid", "kid_mean", "kid_std", "kid_subset_size", "n_samples", "n_reference", "own_class_share",
+               "n_train", "n_test", "records_released", "views_released", "epsilon", "delta", "bytes_up",
+               "bytes_down", "train_seconds", "sample_seconds", "params"}
 
 
 @pytest.fixture(scope="module")
@@ -35,99 +41,186 @@ def smoke_data(tmp_path_factory):
     return cfg, root
 
 
-def places(root: Path, state: Path, n: int = 3) -> dict[int, ClientPlace]:
-    return {1000 + k: ClientPlace(k, root / f"client-{k}", state / f"client-{k}") for k in range(n)}
+def places(root: Path, state: Path, n: int = 3, **node_config) -> dict[int, ClientPlace]:
+    own = tuple(sorted(node_config.items()))
+    return {k: ClientPlace(k, root / f"client-{k}", state / f"client-{k}", own) for k in range(n)}
 
 
-def run_rounds(side: ServerSide, nodes: dict[int, ClientPlace], cfg, rounds: int, skip=()) -> None:
-    for _ in range(rounds):
-        replied = []
-        for node, place in nodes.items():
-            if place.client_id in skip:
-                continue
-            req = side.round_request(node)
-            replied.append(side.take_round_reply(
-                node, client_round(cfg, place, req["session"], req["first-view"], req["fresh-views"])))
-        side.end_round(replied, {}, 0.0)
+class GlueTransport:
+    """The ClientApp's path without Flower: each request's bytes go to client_round / client_samples."""
+
+    def __init__(self, cfg, places: dict[int, ClientPlace], skip=()):
+        self.cfg, self.places, self.skip, self.run = cfg, places, set(skip), ""
+        self.captured: list[tuple[int, bytes]] = []  # everything the clients sent
+
+    def clients(self):
+        return [k for k in self.places if k not in self.skip]
+
+    def exchange(self, kind, requests):
+        replies = {}
+        for cid, blob in requests.items():
+            place = self.places[cid]
+            replies[cid] = client_round(self.cfg, place, blob) if kind == ROUND else \
+                client_samples(self.cfg, place, self.run, blob)
+            self.captured += [(cid, b) for b in replies[cid]]
+        return replies
+
+
+def glue_run(cfg, out: Path, nodes: dict[int, ClientPlace], *, resume=False, skip=(), sample=True):
+    transport = GlueTransport(cfg, nodes, skip)
+    engine = Engine(cfg, out, transport, resume=resume)
+    transport.run = engine.run_id
+    engine.run_rounds()
+    return engine, transport, engine.metrics(engine.sample() if sample else None)
 
 
 def test_glue_trains_samples_and_reports_like_the_in_process_run(smoke_data, tmp_path):
     cfg, root = smoke_data
-    side = ServerSide(cfg, tmp_path / "server")
-    nodes = places(root, tmp_path / "clients")
-    run_rounds(side, nodes, cfg, cfg.rounds)
-    for node, place in nodes.items():
-        side.take_sample_reply(node, [client_sample(cfg, place, side.session, side.sampling_handoffs(node))])
-    flower = side.metrics()
-
-    fed = build(cfg)  # the reference: the same roles in one process
-    for _ in range(cfg.rounds):
-        train_round(fed)
-    reference = evaluate(fed, tmp_path / "inproc", progress=False)
-    assert list(reference["clients"]["0"]) == CLIENT_KEYS
+    nodes = places(root, tmp_path / "clients", **{"pinned-secret-for-tests": True})
+    engine, _, flower = glue_run(cfg, tmp_path / "server", nodes)
+    reference, _ = run(cfg, tmp_path / "inproc", progress=False)  # the same roles and engine in one process
     assert sorted(flower["clients"]) == sorted(reference["clients"]) == ["0", "1", "2"]
     for cid, ours in flower["clients"].items():
         theirs = reference["clients"][cid]
-        assert list(ours) == CLIENT_KEYS and ours["classes"] is None  # private labels stay with the client
-        assert {k: ours[k] for k in ("n_train", "n_test", "params", "n_samples")} == \
-               {k: theirs[k] for k in ("n_train", "n_test", "params", "n_samples")}
-        # The same handoffs; on top, each round's reply carries a small ClientReport and the SamplingRequest.
-        assert 0 < ours["bytes_up"] - theirs["bytes_up"] < 1500
-        assert ours["bytes_down"] == theirs["bytes_down"] == 8416  # 32 handoffs of 1x8x8 float32 + header
-    # Same initial models, same data, same client streams: the clients' losses match in-process to float precision.
-    assert flower["flower"]["log"][0]["loss"]["client0"] == pytest.approx(0.994063, abs=1e-5)
-    assert side.server.num_handoffs() == fed.server.num_handoffs() == 480
-    for k, place in enumerate(nodes.values()):
-        session = place.session_dir(side.session)
-        assert sorted(p.name for p in session.iterdir()) == [
-            "client.json", "client.safetensors", "config.json", "report.json", "samples.safetensors",
-            f"samples_client{k}.png", "secret.json"]
-        assert load_file(str(session / "samples.safetensors"))["images"].shape == (32, 1, 8, 8)
-        assert stat.S_IMODE((session / "secret.json").stat().st_mode) == 0o600
+        assert set(ours) == set(theirs) == CLIENT_KEYS  # the same metrics block, written once by the engine
+        # Same messages: the same bytes each way (up to the digits of the reports' timings); the same ledger.
+        for key in ("n_train", "n_test", "params", "n_samples", "bytes_down", "records_released",
+                    "views_released", "epsilon"):
+            assert ours[key] == theirs[key], (cid, key)
+        assert abs(ours["bytes_up"] - theirs["bytes_up"]) <= 3 * 8
+        assert ours["bytes_down"] == 8416 + 2 * 280  # 32 handoffs of 1x8x8 float32 + header; 2 RoundRequests
+    assert flower["dp"] == reference["dp"]
+    # Same initial models, data and streams, the same order of operations: the same losses.
+    for ours, theirs in zip(flower["participation"]["log"], reference["participation"]["log"]):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+    assert flower["participation"]["log"][0]["loss"]["client0"] == pytest.approx(0.994063, abs=1e-5)
+    assert engine.server.num_handoffs() == 480
+    for k, place in nodes.items():
+        run_dir = place.run_dir(engine.run_id)
+        assert sorted(p.name for p in run_dir.iterdir()) == [
+            "client.json", "client.safetensors", "config.json", f"samples_client{k}.png"]
+        assert sorted(p.name for p in place.state_root.iterdir()) == ["ledger.jsonl", "runs"]  # pinned: no secret
     assert not list((tmp_path / "server").glob("*.png"))  # the server holds no images
+
+
+def test_a_private_secret_is_made_once_per_client_and_kept(smoke_data, tmp_path):
+    cfg, root = smoke_data
+    nodes = places(root, tmp_path / "clients")
+    glue_run(cfg, tmp_path / "a", nodes, sample=False)
+    secrets = {k: (p.state_root / "secret.key").read_bytes() for k, p in nodes.items()}
+    assert all(len(s) == 32 and stat.S_IMODE((nodes[k].state_root / "secret.key").stat().st_mode) == 0o600
+               for k, s in secrets.items())
+    assert len(set(secrets.values())) == 3
+    glue_run(cfg, tmp_path / "b", nodes, sample=False)  # a new run (new out-dir, new run id): the same secret
+    assert secrets == {k: (p.state_root / "secret.key").read_bytes() for k, p in nodes.items()}
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (["cut=0", "client.policy.min_cut=0"], "cut level 0 .*below .*min_cut=0.2"),
+    (["handoff.mode=fresh", "client.policy.modes=[\"fresh\"]", "client.policy.max_views=1000"], "mode 'fresh'"),
+    (["handoff.views=4", "client.policy.max_views=4"], "max_views=1"),
+])
+def test_the_run_config_cannot_choose_a_clients_privacy(smoke_data, tmp_path, overrides, reason):
+    """A curious server writes the run config: asking for raw images, fresh views or more views is refused."""
+    _, root = smoke_data
+    cfg = load_config("smoke", overrides)  # the operator even writes a client.policy: Flower clients ignore it
+    nodes = places(root, tmp_path / "clients")
+    engine, transport, metrics = glue_run(cfg, tmp_path / "server", nodes, sample=False)
+    sent = [protocol.decode(b) for _, b in transport.captured]
+    assert sent and all(isinstance(m, Refusal) for m in sent)  # nothing but refusals left the clients
+    assert engine.server.num_handoffs() == 0
+    for entry in metrics["participation"]["log"]:
+        assert sorted(entry["refused"]) == ["0", "1", "2"] and entry["replied"] == []
+        assert all(re.search(reason, r) for r in entry["refused"].values()), entry["refused"]
+    assert all(ReleaseLedger(p.state_root / "ledger.jsonl").summary(1e-5)["records"] == 0 for p in nodes.values())
+
+
+def test_a_clients_own_policy_comes_from_its_node(smoke_data, tmp_path):
+    cfg, root = smoke_data
+    nodes = places(root, tmp_path / "clients", **{"min-cut": 0.4})
+    nodes[1] = places(root, tmp_path / "clients")[1]  # client 1 keeps the default policy
+    (nodes[2].state_root).mkdir(parents=True)
+    (nodes[2].state_root / "policy.toml").write_text("min_cut = 0.1\n")  # node keys win over the policy file
+    engine, transport, metrics = glue_run(cfg, tmp_path / "server", nodes, sample=False)
+    entry = metrics["participation"]["log"][0]
+    assert entry["replied"] == [1] and sorted(entry["refused"]) == ["0", "2"]
+    assert engine.server.num_handoffs(0) == engine.server.num_handoffs(2) == 0 < engine.server.num_handoffs(1)
+    assert not any(isinstance(protocol.decode(b), HandoffBatch) for cid, b in transport.captured if cid != 1)
+
+
+def test_two_runs_of_one_client_release_no_view_beyond_its_policy(smoke_data, tmp_path):
+    cfg, root = smoke_data
+    nodes = places(root, tmp_path / "clients")
+    first, t1, _ = glue_run(cfg, tmp_path / "run-a", nodes, sample=False)
+    sent_a = {(cid, r, v): y for cid, b in t1.captured if isinstance(m := protocol.decode(b), HandoffBatch)
+              for r, v, y in zip(m.record_ids.tolist(), m.views.tolist(), m.handoffs)}
+    # A second run (new out-dir, new run id) asks for view 0 again: re-made bit for bit, nothing new is released.
+    second, t2, _ = glue_run(cfg, tmp_path / "run-b", nodes, sample=False)
+    assert second.run_id != first.run_id
+    sent_b = {(cid, r, v): y for cid, b in t2.captured if isinstance(m := protocol.decode(b), HandoffBatch)
+              for r, v, y in zip(m.record_ids.tolist(), m.views.tolist(), m.handoffs)}
+    assert sent_a.keys() == sent_b.keys() and all(torch.equal(sent_a[k], sent_b[k]) for k in sent_a)
+    # A third run asks for a second view of every record: beyond max_views=1, refused; nothing leaves.
+    _, t3, metrics = glue_run(load_config("smoke", ["handoff.views=2"]), tmp_path / "run-c", nodes, sample=False)
+    assert all(isinstance(protocol.decode(b), Refusal) for _, b in t3.captured)
+    assert all("max_views=1" in r for r in metrics["participation"]["log"][0]["refused"].values())
+    for k, place in nodes.items():  # the ledger shows every release once: one line, each record one view
+        ledger = ReleaseLedger(place.state_root / "ledger.jsonl")
+        summary = ledger.summary(1e-5)
+        assert summary["entries"] == 1 and summary["max_views"] == 1
+        assert summary["records"] == summary["record_views"] == first.n_train[k]
+    result = CliRunner().invoke(cli_app, ["ledger", "--client-state", str(nodes[0].state_root)])
+    assert result.exit_code == 0 and json.loads(result.output)["record_views"] == first.n_train[0]
 
 
 def test_server_restart_resumes_and_lost_handoffs_are_remade_identically(smoke_data, tmp_path):
     cfg, root = smoke_data
     nodes = places(root, tmp_path / "clients")
-    side = ServerSide(cfg, tmp_path / "server")
-    run_rounds(side, nodes, cfg, 1, skip={2})  # client 2 drops out of round 1
-    assert side.log[0]["replied"] == [0, 1] and side.server.num_handoffs(2) == 0
-    session, held = side.session, side.server.held_handoffs(0)
+    transport = GlueTransport(cfg, nodes, skip={2})  # client 2 is away in round 1
+    engine = Engine(cfg, tmp_path / "server", transport)
+    engine.run_round()
+    assert engine.log[0]["replied"] == [0, 1] and engine.server.num_handoffs(2) == 0
+    run_id, held = engine.run_id, engine.server.held_handoffs(0)
 
-    with pytest.raises(FileExistsError, match="resume=true"):
-        ServerSide(cfg, tmp_path / "server")
+    with pytest.raises(FileExistsError, match="resume"):
+        Engine(cfg, tmp_path / "server", transport)
     with pytest.raises(ValueError, match="only rounds may change"):
-        ServerSide(load_config("smoke", ["cut=0.5"]), tmp_path / "server", resume=True)
-    resumed = ServerSide(cfg, tmp_path / "server", resume=True)  # a restarted SuperLink's new ServerApp
-    assert (resumed.session, resumed.round, resumed.client_of) == (session, 1, side.client_of)
-    run_rounds(resumed, nodes, cfg, 1)  # client 2 rejoins and sends its view now
+        Engine(load_config("smoke", ["cut=0.5"]), tmp_path / "server", transport, resume=True)
+    transport.skip = set()
+    resumed = Engine(cfg, tmp_path / "server", transport, resume=True)  # a restarted SuperLink's new ServerApp
+    assert (resumed.run_id, resumed.round) == (run_id, 1)
+    resumed.run_round()  # client 2 rejoins and sends its view now
     assert resumed.log[-1]["replied"] == [0, 1, 2] and resumed.server.num_handoffs(2) == 126
 
     # A server that lost client 0's handoffs asks for view 0 again: same private noise, bit-identical handoffs.
-    req = {**resumed.round_request(1000), "first-view": 0}
-    report, _, *batches = [protocol.decode(b) for b in client_round(cfg, nodes[1000], session, 0, 1)]
-    assert req["first-view"] == 0 and report.metrics["views_made"] == 1
+    resumed.server.forget(0)
+    request = resumed.request(0)
+    assert request.first_view == 0 and request.n_views == 1
+    report, _, *batches = [protocol.decode(b) for b in client_round(cfg, nodes[0], protocol.encode(request))]
     again = {(r, v): y for b in batches for r, v, y in zip(b.record_ids.tolist(), b.views.tolist(), b.handoffs)}
-    assert all((again[k] == y).all() for k, y in held.items()) and len(again) == len(held)
+    assert all(torch.equal(again[k], y) for k, y in held.items()) and len(again) == len(held)
+    assert report.metrics["views_released"] == len(held)  # re-sending released nothing new
 
 
 def test_replies_that_must_not_be_accepted(smoke_data, tmp_path):
     cfg, root = smoke_data
     nodes = places(root, tmp_path / "clients")
-    side = ServerSide(cfg, tmp_path / "server")
-    req = side.round_request(1000)
-    blobs = client_round(cfg, nodes[1000], side.session, req["first-view"], req["fresh-views"])
-    side.take_round_reply(1000, blobs)
-    with pytest.raises(protocol.ProtocolError, match="claims client 0, which belongs to another node"):
-        side.take_round_reply(1001, blobs)
-    with pytest.raises(protocol.ProtocolError, match="expected ClientReport, got SamplingRequest"):
-        side.take_round_reply(1000, blobs[1:])
-    with pytest.raises(protocol.ProtocolError, match="expected one ClientReport"):
-        side.take_sample_reply(1000, blobs)
-    with pytest.raises(protocol.ProtocolError, match="several clients"):
-        other = client_round(cfg, nodes[1001], side.session, -1, 1)
-        side.take_round_reply(1000, blobs[:2] + other[2:])
+    engine = Engine(cfg, tmp_path / "server", GlueTransport(cfg, nodes))
+    request = engine.request(0)
+    blobs = client_round(cfg, nodes[0], protocol.encode(request))
+    held = engine.server.num_handoffs()
+    with pytest.raises(protocol.ProtocolError, match=r"client 1 sent messages in the name of client\(s\) \[0\]"):
+        engine.take_round_reply(1, engine.request(1), blobs)
+    with pytest.raises(protocol.ProtocolError, match="expected a ClientReport"):
+        engine.take_round_reply(0, request, blobs[1:])
+    with pytest.raises(protocol.ProtocolError, match="no messages"):
+        engine.take_round_reply(0, request, [])
+    other = client_round(cfg, nodes[2], protocol.encode(engine.request(2)))  # 126 records: ids in 0's range
+    with pytest.raises(protocol.ProtocolError, match=r"client 0 sent messages in the name of client\(s\) \[2\]"):
+        engine.take_round_reply(0, request, blobs[:2] + other[2:])
+    assert engine.server.num_handoffs() == held == 0  # nothing of a rejected reply is kept
+    engine.take_round_reply(0, request, blobs)
+    assert engine.server.num_handoffs() == 162
 
 
 def test_client_configuration_errors_name_the_fix(smoke_data, tmp_path):
@@ -141,17 +234,21 @@ def test_client_configuration_errors_name_the_fix(smoke_data, tmp_path):
     assert place_from_configs({"partition-id": 2}, {"data-root": "/d", "client-root": "/c"}) == \
         ClientPlace(2, Path("/d/client-2"), Path("/c/client-2"))
     assert place_from_configs({"client-id": 1, "data-path": "/d/x"}, {}).state_root == Path("/d/x/state")
+    assert place_from_configs({"client-id": 1, "data-path": "/d/x", "min-cut": 0.4, "lr": 3}, {}).node_config == \
+        (("min-cut", 0.4),)  # only the client's own privacy keys are kept
     with pytest.raises(FileNotFoundError, match="collafuse flower prepare-data"):
         open_client(cfg, ClientPlace(0, tmp_path / "nothing", tmp_path / "s"), "abc")
     with pytest.raises(ValueError, match="holds client 1's data, but this node is client 0"):
         open_client(cfg, ClientPlace(0, root / "client-1", tmp_path / "s"), "abc")
     with pytest.raises(ValueError, match="not a valid folder name"):
         open_client(cfg, ClientPlace(0, root / "client-0", tmp_path / "s"), "../x")
+    with pytest.raises(ValueError, match="the node config: privacy policy max_views = 0 is invalid"):
+        open_client(cfg, ClientPlace(0, root / "client-0", tmp_path / "s", (("max-views", 0),)), "abc")
     open_client(cfg, ClientPlace(0, root / "client-0", tmp_path / "s"), "abc")
     with pytest.raises(ValueError, match="another config"):
         open_client(load_config("smoke", ["client.lr=0.01"]), ClientPlace(0, root / "client-0", tmp_path / "s"), "abc")
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        ServerSide(cfg, tmp_path / "empty", resume=True)
+        Engine(cfg, tmp_path / "empty", GlueTransport(cfg, {}), resume=True)
 
 
 def test_cli_prepare_data_writes_one_folder_per_client(tmp_path):

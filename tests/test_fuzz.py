@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,12 +118,3 @@ def test_rejected_handoffs_leave_the_server_untouched(mutator):
         before = None
     assert checked >= 20 and accepted > 50 and changed > 0, (checked, accepted, changed)
 
-
-def test_deep_nesting_is_refused_fast():
-    for depth in (30_000, 100_000):
-        text = b"[" * depth + b"]" * depth
-        blob = len(text).to_bytes(8, "little") + text
-        start = time.perf_counter()
-        with pytest.raises(ProtocolError, match="nest deeper|exceeds the limit"):
-            protocol.decode(blob, LIMITS)
-        assert time.perf_counter() - start < 0.5

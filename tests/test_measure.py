@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from collafuse.config import load_config
-from collafuse.measure.blocks import _mia, dp_summary
-from collafuse.roles.privacy import handoff_epsilon
 from collafuse.federation.inprocess import run
+from collafuse.measure.blocks import _mia
+from collafuse.roles.privacy import handoff_epsilon
 
 FAST = ["rounds=1", "server.steps_per_round=2", "client.steps_per_round=2", "sampling.n=8",
         "sampling.server_steps=2", "sampling.client_steps=2", "eval.classifier_epochs=1",
-        "eval.disclosure_records=40", "data.max_records=400", "eval.mia_draws=1"]
+        "eval.disclosure_records=40", "data.max_records=400", "eval.mia_draws=1",
+        "client.policy.min_cut=0"]  # the clients consent to every cut measured here, c = 0 included
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,11 @@ def test_blocks_present_with_sane_values(runs):
     s = cost["server"]
     assert s["train_flops"] == s["train_flops_per_step"] * 2 and s["sample_steps"] == 2 * 3
     assert cost["bytes_up"] == m["bytes_up"]
-    dp = m["dp"]
-    assert dp["views"] == 1 and dp["clip_source"] == "value range [-1, 1]" and dp["clip_norm"] == 8.0
+    dp = m["dp"]  # from the clients' ledgers: one view of each record, records bounded by their value range
+    assert dp["views"] == 1 and dp["delta"] == 1e-5
     assert dp["epsilon"] == pytest.approx(handoff_epsilon(dp["alpha_bar_cut"], clip_norm=8.0, views=1, delta=1e-5))
+    for cid, c in dp["clients"].items():
+        assert c["records_released"] == c["views_released"] == m["clients"][cid]["n_train"]
 
 
 def test_raw_data_at_c0_is_fully_reidentified(runs):
@@ -63,15 +66,12 @@ def test_local_only_discloses_nothing_to_the_server(runs):
     assert m["cost"]["server"]["train_flops"] == 0 and fed.server.num_handoffs() == 0
 
 
-def test_dp_summary_uses_configured_clip_norm(runs):
-    _, fed = runs[0.5]
-    fed.cfg.handoff.clip_norm = 2.0
-    try:
-        dp = dp_summary(fed)
-    finally:
-        fed.cfg.handoff.clip_norm = None
-    assert dp["clip_source"] == "handoff.clip_norm" and dp["sensitivity"] == pytest.approx(
-        2 * 2.0 * math.sqrt(dp["alpha_bar_cut"]))
+def test_dp_follows_the_clients_clip_norm(tmp_path):
+    m, fed = run(load_config("smoke", FAST + ["cut=0.5", "client.policy.clip_norm=2.0", "eval.disclosure=false"]),
+                 tmp_path, progress=False)
+    assert all(c.clip_norm == 2.0 for c in fed.clients)
+    assert m["dp"]["epsilon"] == pytest.approx(handoff_epsilon(m["dp"]["alpha_bar_cut"], clip_norm=2.0, views=1,
+                                                               delta=1e-5))
 
 
 def test_mia_threshold_is_set_on_calibration_nonmembers_only():

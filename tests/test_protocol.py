@@ -1,8 +1,14 @@
+import json
+import math
+import time
+
 import pytest
 import torch
+from safetensors.torch import save
 
-from collafuse.core.protocol import (ClientReport, HandoffBatch, Limits, ProtocolError, SamplingHandoffs,
-                                SamplingRequest, decode, encode)
+from collafuse.core.protocol import (MAX_HEADER_BYTES, REPORT_KEYS, ClientReport, HandoffBatch, Limits, ProtocolError,
+                                     Refusal, RoundRequest, SamplingHandoffs, SamplingRequest, decode, encode,
+                                     handoff_bound)
 
 LIMITS = Limits(known_clients=frozenset({0, 1}), image_shape=(1, 4, 4), level=3)
 
@@ -70,7 +76,6 @@ def test_oversized_truncated_and_foreign_blobs():
 
 def test_smuggled_fields_are_refused():
     # A blob with an extra tensor (say, the client's noise) is not a HandoffBatch.
-    from safetensors.torch import save
     b = batch()
     blob = save({"record_ids": b.record_ids, "views": b.views, "handoffs": b.handoffs, "noise": b.handoffs.clone()},
                 metadata={"message": "HandoffBatch", "fields": '{"client_id": 1, "level": 3}'})
@@ -86,15 +91,6 @@ def test_smuggled_fields_are_refused():
 
 
 # ---------------------------------------------------------------- hostile input: every limit names its field
-
-import json
-import math
-import time
-
-from safetensors.torch import save
-
-from collafuse.core.protocol import (MAX_HEADER_BYTES, REPORT_KEYS, Refusal, RoundRequest, handoff_bound)
-
 STRICT = Limits(known_clients=frozenset({0, 1}), image_shape=(1, 4, 4), level=3, max_samples=256, max_steps=100,
                 max_records=10, max_views=2, handoff_bound=handoff_bound(0.5))
 
@@ -188,10 +184,12 @@ def test_int_report_keys_refuse_floats_but_encode_sends_whole_counts_as_ints():
 
 
 def test_report_schema_and_size():
-    assert {k for k, t in REPORT_KEYS.items() if t is int} == {
+    # The schema grows with what clients report (delta joined with the privacy ledger); these must stay as typed.
+    assert set(REPORT_KEYS.values()) <= {int, float}
+    assert {k for k, t in REPORT_KEYS.items() if t is int} >= {
         "n_train", "n_test", "views_made", "steps_done", "n_samples", "n_reference", "kid_subset_size", "params",
         "records_released", "views_released"}
-    assert {k for k, t in REPORT_KEYS.items() if t is float} == {
+    assert {k for k, t in REPORT_KEYS.items() if t is float} >= {
         "loss", "train_seconds", "sample_seconds", "fid", "kid_mean", "kid_std", "own_class_share",
         "own_client_share", "epsilon", "train_flops", "sample_flops"}
     too_many = {f"k{i}": 1.0 for i in range(len(REPORT_KEYS) + 1)}
@@ -215,13 +213,15 @@ def test_report_schema_and_size():
     ('{"client_id": 0, "n": 8, "steps": 4, "sampler": "ddim", "seed": NaN}', "seed: must be an integer"),
     ('{"client_id": 0, "n": 8, "n": 9, "steps": 4, "sampler": "ddim", "seed": 3}',
      r"SamplingRequest.n: given twice in the scalar fields"),
-    ({"client_id": 0, "n": 8, "steps": 4, "sampler": "ddim", "seed": 3, "noise": 1}, r"unexpected field\(s\) \['noise'\]"),
+    ({"client_id": 0, "n": 8, "steps": 4, "sampler": "ddim", "seed": 3, "noise": 1},
+     r"unexpected field\(s\) \['noise'\]"),
     ({"client_id": 0, "n": 8, "steps": 4, "sampler": "ddim"}, "SamplingRequest.seed: missing"),
     ("[1, 2]", "SamplingRequest: scalar fields must be a JSON object, got a list"),
     ("7", "SamplingRequest: scalar fields must be a JSON object, got a number"),
-    ('{"a": {"b": {"c": 1}}}', "SamplingRequest: scalar fields nest deeper than 3 levels"),
+    ('{"a": {"b": {"c": 1}}}', "SamplingRequest.a: an object where a number or text is expected"),
+    ('{"a": {"b": {"c": {"d": 1}}}}', "SamplingRequest: scalar fields nest deeper than 3 levels"),
     ("{" * 50_000, "SamplingRequest: scalar fields nest deeper"),
-    ("{", "SamplingRequest: scalar fields is not valid JSON"),
+    ('{"client_id" 0}', "SamplingRequest: scalar fields is not valid JSON"),
 ])
 def test_crafted_scalar_fields(fields, error):
     with pytest.raises(ProtocolError, match=error):
@@ -235,8 +235,7 @@ def test_fields_and_tensors_cannot_swap_places():
         decode(crafted("HandoffBatch", {"client_id": 1, "level": 3, "handoffs": 1}, tensors), STRICT)
     with pytest.raises(ProtocolError, match="HandoffBatch.level: sent as a tensor, but it is a scalar field"):
         decode(crafted("HandoffBatch", {"client_id": 1}, {**tensors, "level": torch.tensor([3])}), STRICT)
-    with pytest.raises(ProtocolError, match=r"ClientReport.metrics: an object where a number or text is expected"
-                                            r"|unexpected"):
+    with pytest.raises(ProtocolError, match="SamplingRequest.metrics: an object where a number or text is expected"):
         decode(crafted("SamplingRequest", {"client_id": 0, "metrics": {}}), STRICT)
     # A ClientReport's metrics are the only nested value, and they are flat.
     with pytest.raises(ProtocolError, match=r"metrics\['fid'\]: must be a finite number"):
@@ -267,14 +266,15 @@ def test_fields_and_tensors_cannot_swap_places():
     ({"__metadata__": meta(), "_": {**MARKER, "data_offsets": [0]}}, r"_: data_offsets \[0\] must be"),
     ({"__metadata__": meta(), "_": {**MARKER, "data_offsets": None}}, "_: data_offsets None must be"),
     ({"__metadata__": meta(), "_": {**MARKER, "data_offsets": [0.0, 0]}}, "_: data_offsets .* must be"),
-    ({"__metadata__": meta(message=None)}, "unknown type None"),
+    ({"__metadata__": meta(message=None)}, r"__metadata__\['message'\] must be a text, got null"),
+    ({"_": MARKER}, "unknown type None"),
     ({"__metadata__": meta(message="Weights")}, "unknown type 'Weights'"),
     ('{"__metadata__": {"message": "SamplingRequest"}, "__metadata__": {}}',
      r"message.__metadata__: given twice in the header"),
     ("[" * 100_000 + "]" * 100_000, "header of 200000 bytes exceeds the limit of 65536 bytes"),
     ("[" * 30_000 + "]" * 30_000, "header nest deeper than 3 levels"),
     ('{"__metadata__": {"a": [[[1]]]}}', "header nest deeper than 3 levels"),
-    ('{"a": 1e999999999999}', "header must|header is not valid|tensor entry"),
+    ({"__metadata__": meta(), "_": {**MARKER, "data_offsets": [0, 1e999]}}, r"_: data_offsets \[0, inf\] must be"),
     ('{"a": ' + "1" * 5000 + "}", "header is not valid JSON"),
 ])
 def test_crafted_headers(header, error):
@@ -334,9 +334,10 @@ def test_handoffs_at_the_bound_pass_and_just_past_it_fail():
     at = torch.full((5, 1, 4, 4), bound)  # bound as float32 holds it: what an honest sender can put on the wire
     at[0, 0, 0, 0] = -bound
     decode(encode(batch(handoffs=at)), STRICT)
-    for past in (bound * (1 + 1e-6), math.nextafter(at[1, 0, 0, 0].item(), math.inf)):
+    next32 = torch.nextafter(at[1, 0, 0, 0], torch.tensor(math.inf)).item()  # one float32 step past it
+    for sign, past in ((1, bound * (1 + 1e-6)), (-1, next32)):
         h = at.clone()
-        h[2, 0, 1, 1] = -past if past < 2 else past
+        h[2, 0, 1, 1] = sign * past
         past32 = torch.tensor(past, dtype=torch.float32).item()
         assert past32 > at[1, 0, 0, 0].item()
         with pytest.raises(ProtocolError, match=rf"HandoffBatch.handoffs: max \|value\| {past32:.9g} exceeds the bound "
