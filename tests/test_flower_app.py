@@ -300,13 +300,13 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
         run = fed.run_app(REPO, run_config=app_run_config("smoke", [], out, round_timeout=120), timeout=170)
         metrics = json.loads((out / "metrics.json").read_text())
         assert sorted(metrics["clients"]) == ["0", "1", "2"] and metrics["rounds"] == 2
-        assert all(list(m) == CLIENT_KEYS for m in metrics["clients"].values())
-        session = metrics["flower"]["session"]
+        assert all(set(m) == CLIENT_KEYS for m in metrics["clients"].values())
+        assert metrics["dp"]["epsilon"] > 0 and metrics["cost"] is not None
         for k in range(3):  # each client's images on that client's disk, and nowhere else
-            own = clients / f"client-{k}" / session
-            assert (own / f"samples_client{k}.png").is_file() and (own / "samples.safetensors").is_file()
+            own = clients / f"client-{k}" / "runs" / metrics["run"]
+            assert (own / f"samples_client{k}.png").is_file()
         assert sorted(p.relative_to(clients).parts[0] for p in tmp_path.rglob("samples*")) == \
-            ["client-0", "client-0", "client-1", "client-1", "client-2", "client-2"]
+            ["client-0", "client-1", "client-2"]
         assert run.outbound_bytes + run.inbound_bytes > metrics["bytes_up"] + metrics["bytes_down"]
 
         # A third round on the restarted run; client 2 crashes while it works on it. The others finish.
@@ -320,10 +320,21 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
             stop.set()
         assert not nodes[2].is_running()
         metrics = json.loads((out / "metrics.json").read_text())
-        log = metrics["flower"]["log"]
+        log = metrics["participation"]["log"]
         assert [e["replied"] for e in log] == [[0, 1, 2], [0, 1, 2], [0, 1]] and len(log[2]["dropped"]) == 1
-        assert sorted(metrics["clients"]) == ["0", "1"] and metrics["flower"]["missing_clients"] == [2]
+        assert sorted(metrics["clients"]) == ["0", "1"] and metrics["participation"]["missing_clients"] == [2]
         assert metrics["server"]["handoffs_held"] == 480  # nothing the server held from client 2 is lost
+
+        # A curious operator starts a new run that asks for the raw images (cut 0, and a client.policy saying
+        # so): every client refuses, and nothing more enters any client's ledger.
+        curious = tmp_path / "curious"
+        fed.run_app(REPO, run_config=app_run_config("smoke", ["cut=0", "client.policy.min_cut=0"], curious,
+                                                    rounds=1, round_timeout=60), timeout=120)
+        metrics = json.loads((curious / "metrics.json").read_text())
+        assert sorted(metrics["participation"]["log"][0]["refused"]) == ["0", "1"]
+        assert metrics["server"]["handoffs_held"] == 0
+        for k in (0, 1):
+            assert ReleaseLedger(clients / f"client-{k}" / "ledger.jsonl").summary(1e-5)["entries"] == 1
     assert live_processes_with(tmp_path) == []
 
 
@@ -333,7 +344,7 @@ def test_simulation_with_ten_clients(tmp_path):
                        simulation=True, round_timeout=120, timeout=200)
     assert result.run.completed
     assert sorted(result.metrics["clients"], key=int) == [str(k) for k in range(10)]
-    assert all(list(m) == CLIENT_KEYS for m in result.metrics["clients"].values())
+    assert all(set(m) == CLIENT_KEYS for m in result.metrics["clients"].values())
     for k in range(10):
         assert len(list((tmp_path / "clients" / f"client-{k}").rglob(f"samples_client{k}.png"))) == 1
     assert live_processes_with(tmp_path) == []

@@ -7,6 +7,7 @@ import torch
 from collafuse.config import load_config
 from collafuse.federation.inprocess import run
 from collafuse.measure.blocks import _mia
+from collafuse.measure.cost import client_step_flops
 from collafuse.roles.privacy import handoff_epsilon
 
 FAST = ["rounds=1", "server.steps_per_round=2", "client.steps_per_round=2", "sampling.n=8",
@@ -35,9 +36,11 @@ def test_blocks_present_with_sane_values(runs):
     assert d["reconstruction"]["members"]["psnr"] == max(d["reconstruction"]["members"]["psnr_scaled"],
                                                           d["reconstruction"]["members"]["psnr_denoiser"])
     assert [p["k"] for p in d["kview"]["held"]] == [1]  # once, views=1: the server holds one view per record
-    cost = m["cost"]
+    cost = m["cost"]  # each client counts its own compute and reports it; the server counts its own
+    per_step = {c.id: client_step_flops(c, 8) for c in fed.clients}
     for cid, c in cost["clients"].items():
-        assert c["train_flops"] == c["train_flops_per_step"] * c["train_steps"] > 0
+        assert c["train_flops"] == per_step[int(cid)][0] * c["train_steps"] > 0
+        assert c["sample_flops"] == per_step[int(cid)][1] * 2 > 0
         assert c["train_steps"] == 2 and c["bytes_up"] == fed.wire.bytes_up[int(cid)] > 0
     s = cost["server"]
     assert s["train_flops"] == s["train_flops_per_step"] * 2 and s["sample_steps"] == 2 * 3

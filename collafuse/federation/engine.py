@@ -26,6 +26,7 @@ from collafuse.core import protocol
 from collafuse.core.models import device_auto
 from collafuse.core.protocol import (ClientReport, HandoffBatch, Limits, ProtocolError, Refusal, RoundRequest,
                                      SamplingHandoffs, SamplingRequest)
+from collafuse.core.sampling import level_grid
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_state, save_state, swap_in
 from collafuse.roles.client import Client
@@ -60,16 +61,23 @@ def sampling_seed(cfg: Config, client_id: int) -> int:
 
 def serve_round(client: Client, cfg: Config, blob: bytes) -> list[bytes]:
     """A client's answer to a RoundRequest, as its policy allows; a refusal carries nothing but the reason."""
+    from collafuse.measure.cost import client_step_flops  # the client measures its own compute
     limits = dataclasses.replace(client_limits(client, cfg), level=None)  # the policy judges the level
     req = protocol.decode(blob, limits, expect=RoundRequest)
     s = cfg.sampling
     sampling = client.sampling_request(s.n, s.server_steps, s.sampler, seed=sampling_seed(cfg, client.id))
-    return [protocol.encode(m) for m in client.answer(req, handoff_batch=cfg.handoff.batch, sampling=sampling)]
+    reply = client.answer(req, handoff_batch=cfg.handoff.batch, sampling=sampling)
+    if isinstance(reply[0], ClientReport):
+        train_step, _ = client_step_flops(client, s.n)
+        reply[0] = dataclasses.replace(reply[0], metrics={**reply[0].metrics,
+                                                          "train_flops": train_step * client.steps_done})
+    return [protocol.encode(m) for m in reply]
 
 
 def serve_samples(client: Client, cfg: Config, blob: bytes, evaluation, folder: Path) -> list[bytes]:
     """Finish the server's handoffs; the images and their grid stay in `folder`; numbers go back."""
-    from collafuse.measure.images import save_grid  # measurement is loaded only where samples are finished
+    from collafuse.measure.cost import client_step_flops  # measurement is loaded only where samples are finished
+    from collafuse.measure.images import save_grid
     msg = protocol.decode(blob, client_limits(client, cfg), expect=SamplingHandoffs)
     s = cfg.sampling
     t0 = time.perf_counter()
@@ -78,7 +86,9 @@ def serve_samples(client: Client, cfg: Config, blob: bytes, evaluation, folder: 
     folder.mkdir(parents=True, exist_ok=True)
     save_grid(images, folder / f"samples_client{client.id}.png")
     numbers = evaluation.measure(images) if evaluation is not None else {}
-    numbers.update(n_train=client.num_records, sample_seconds=seconds, params=client.model.num_parameters())
+    _, sample_step = client_step_flops(client, len(images))
+    numbers.update(n_train=client.num_records, sample_seconds=seconds, params=client.model.num_parameters(),
+                   sample_flops=sample_step * (len(level_grid(client.t_c, 0, s.client_steps)) - 1))
     return [protocol.encode(ClientReport(client_id=client.id, metrics=numbers))]
 
 
@@ -277,7 +287,8 @@ class Engine:
             m = dict(self.reports[cid])
             if not m.pop("sampled", False):
                 continue
-            m.pop("views_made", None), m.pop("steps_done", None), m.pop("loss", None)
+            for key in ("views_made", "steps_done", "loss", "train_flops", "sample_flops"):  # in `cost`, or per round
+                m.pop(key, None)
             clients[str(cid)] = {**m, "bytes_up": self.bytes_up[cid], "bytes_down": self.bytes_down[cid]}
         refusals = {e["round"]: e["refused"] for e in self.log if e["refused"]}
         return {
@@ -289,11 +300,29 @@ class Engine:
             "server": {"train_seconds": self.seconds["server.train"], "sample_seconds": self.seconds["server.sample"],
                        "params": self.server.model.num_parameters(), "handoffs_held": self.server.num_handoffs()},
             "bytes_up": sum(self.bytes_up.values()), "bytes_down": sum(self.bytes_down.values()),
-            "dp": self.dp_block(),
+            "dp": self.dp_block(), "cost": self.cost_block(),
             "participation": {"log": self.log, "refusals": refusals,
                               "missing_clients": sorted(set(range(cfg.data.clients)) - {int(c) for c in clients}),
                               "sampling_dropped": {str(c): r for c, r in (sampling_dropped or {}).items()}},
         }
+
+    def cost_block(self) -> dict:
+        """FLOPs, steps, seconds and bytes per client (as each reported its own) and of the server."""
+        from collafuse.measure.cost import cost_block, server_step_flops
+        cfg = self.cfg
+        train_step, sample_step = server_step_flops(self.server, cfg.sampling.n)
+        sampled = sum(1 for r in self.reports.values() if r.get("sampled"))
+        sample_steps = (len(level_grid(cfg.schedule.T, self.server.t_c, cfg.sampling.server_steps)) - 1) * sampled
+        server = {"train_flops_per_step": train_step, "train_steps": self.server.steps_done,
+                  "train_flops": train_step * self.server.steps_done, "sample_flops_per_step": sample_step,
+                  "sample_steps": sample_steps, "sample_flops": sample_step * sample_steps,
+                  "train_seconds": self.seconds["server.train"], "sample_seconds": self.seconds["server.sample"]}
+        clients = {str(c): {"train_flops": r.get("train_flops", 0), "train_steps": r.get("steps_done", 0),
+                            "sample_flops": r.get("sample_flops", 0), "train_seconds": r.get("train_seconds", 0.0),
+                            "sample_seconds": r.get("sample_seconds", 0.0), "bytes_up": self.bytes_up[c],
+                            "bytes_down": self.bytes_down[c]}
+                   for c, r in sorted(self.reports.items())}
+        return cost_block(clients, server)
 
     def dp_block(self) -> dict:
         """Per-record (epsilon, delta) as each client's own ledger counts it: every release over its lifetime."""

@@ -1,4 +1,4 @@
-"""The disclosure, cost and DP blocks of metrics.json, measured on a trained Federation (design §5 and §7).
+"""The disclosure block of metrics.json, measured on a trained in-process Federation (design §5).
 
 Disclosure takes the honest-but-curious server's side: it holds the handoffs it was sent and its
 own model. Members are clients' training records (the server holds their handoffs); non-members
@@ -11,14 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from collafuse.measure import attacks
 from collafuse.measure.attacks import MIA_TARGET_FPR, chance_level, distribution_disclosure, mia_metrics, mia_scores
-from collafuse.measure.cost import denoiser_flops, train_step_flops
 from collafuse.roles.privacy import clip_records
-from collafuse.core.sampling import level_grid
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut
 PIPELINE_MIA_FRACTIONS = (0.02, 0.1, 0.3, 0.6)  # of the whole chain
@@ -26,71 +23,11 @@ MAX_KVIEWS = 64
 
 
 def measure(fed, *, extractor=None) -> dict:
-    """The 'disclosure' (None when eval.disclosure is off) and 'cost' blocks for a trained federation.
+    """The 'disclosure' block (None when eval.disclosure is off) for a trained in-process federation.
 
-    The 'dp' block comes from the round engine: each client's ledger counts what its records released.
+    The 'dp' and 'cost' blocks come from the round engine, as the clients reported them.
     """
-    return {"disclosure": disclosure_block(fed, extractor) if fed.cfg.eval.disclosure else None,
-            "cost": cost_block(fed)}
-
-
-# ---------------------------------------------------------------- cost
-
-def _train_loss(model, batch: int, shape, levels: tuple[int, int], schedule, cond, gen, device):
-    """A loss closure shaped like one training step of a role (random data: FLOPs do not depend on values)."""
-    x0 = torch.randn((batch, *shape), generator=gen).clamp(-1, 1)
-    t = torch.randint(levels[0], levels[1] + 1, (batch,), generator=gen)
-    eps = torch.randn((batch, *shape), generator=gen)
-    x_t = schedule.noise(x0, t, eps).to(device)
-    return lambda: F.mse_loss(model(x_t, t.to(device), cond), eps.to(device))
-
-
-def _client_cond(client, n: int, gen):
-    if client.condition is None:
-        return None
-    return client.condition[torch.randint(client.num_records, (n,), generator=gen)].to(client.device)
-
-
-def cost_block(fed) -> dict:
-    """FLOPs per role and phase (one step counted by FlopCounterMode, times the steps done), seconds and bytes."""
-    cfg, sch, t_c, T = fed.cfg, fed.schedule, fed.cut_level, fed.schedule.T
-    gen = torch.Generator().manual_seed(cfg.seed * 31 + 1)
-    shape, n = tuple(fed.data.images.shape[1:]), cfg.sampling.n
-    clients = {}
-    for c in fed.clients:
-        train_step = sample_step = 0
-        if t_c > 0:
-            cond = _client_cond(c, c.batch_size, gen)
-            train_step = train_step_flops(c.model, _train_loss(c.model, c.batch_size, shape, (1, t_c), sch, cond,
-                                                               gen, c.device))
-            x = torch.randn((n, *shape), generator=gen).to(c.device)
-            sample_step = denoiser_flops(c.eps_fn(_client_cond(c, n, gen)), x,
-                                         torch.full((n,), t_c, dtype=torch.long, device=c.device))
-        sample_steps = len(level_grid(t_c, 0, cfg.sampling.client_steps)) - 1
-        clients[str(c.id)] = {
-            "train_flops_per_step": train_step, "train_steps": c.steps_done, "train_flops": train_step * c.steps_done,
-            "sample_flops_per_step": sample_step, "sample_steps": sample_steps, "sample_flops": sample_step * sample_steps,
-            "train_seconds": fed.seconds[f"client{c.id}.train"], "sample_seconds": fed.seconds[f"client{c.id}.sample"],
-            "bytes_up": fed.wire.bytes_up[c.id], "bytes_down": fed.wire.bytes_down[c.id]}
-    s = fed.server
-    train_step = sample_step = 0
-    if s.has_levels:
-        label = torch.zeros(s.batch_size, dtype=torch.long, device=s.device) if s.client_cond else None
-        train_step = train_step_flops(s.model, _train_loss(s.model, s.batch_size, shape, (t_c + 1, T), sch, label,
-                                                           gen, s.device))
-        x = torch.randn((n, *shape), generator=gen).to(s.device)
-        sample_step = denoiser_flops(s.eps_fn(0), x, torch.full((n,), T, dtype=torch.long, device=s.device))
-    sample_steps = (len(level_grid(T, t_c, cfg.sampling.server_steps)) - 1) * len(fed.clients)
-    server = {"train_flops_per_step": train_step, "train_steps": s.steps_done, "train_flops": train_step * s.steps_done,
-              "sample_flops_per_step": sample_step, "sample_steps": sample_steps,
-              "sample_flops": sample_step * sample_steps,
-              "train_seconds": fed.seconds["server.train"], "sample_seconds": fed.seconds["server.sample"]}
-    totals = {k: sum(v[k] for v in clients.values()) for k in ("train_flops", "sample_flops", "bytes_up", "bytes_down")}
-    return {"method": "torch FlopCounterMode on one step per role and phase, times the steps done; model FLOPs "
-                      "(2 per multiply-add), elementwise work not counted",
-            "clients": clients, "client_total": totals, "client_mean": {k: v / len(clients) for k, v in totals.items()},
-            "server": server,
-            "bytes_up": sum(fed.wire.bytes_up.values()), "bytes_down": sum(fed.wire.bytes_down.values())}
+    return {"disclosure": disclosure_block(fed, extractor) if fed.cfg.eval.disclosure else None}
 
 
 # ---------------------------------------------------------------- disclosure

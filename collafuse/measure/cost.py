@@ -7,6 +7,7 @@ standard "model FLOPs" (2 per multiply-add), the same for every role, so costs c
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -59,3 +60,54 @@ def train_step_flops(model: nn.Module, loss_fn: Callable[..., torch.Tensor], *ar
         torch.autograd.grad(loss, params, allow_unused=True)
 
     return count_flops(step)
+
+
+# ---------------------------------------------------------------- per role, and the metrics block
+
+METHOD = ("torch FlopCounterMode on one step per role and phase, times the steps done; model FLOPs "
+          "(2 per multiply-add), elementwise work not counted")
+
+
+def _step_flops(model, eps_fn, *, shape, levels: tuple[int, int], schedule, batch: int, n: int, train_cond,
+                sample_cond, device, seed: int) -> tuple[int, int]:
+    """(training step, sampling step) FLOPs of one role over its levels; random data, FLOPs do not depend on it."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn((batch, *shape), generator=gen).clamp(-1, 1)
+    t = torch.randint(levels[0], levels[1] + 1, (batch,), generator=gen)
+    eps = torch.randn((batch, *shape), generator=gen)
+    x_t = schedule.noise(x0, t, eps).to(device)
+    train = train_step_flops(model, lambda: F.mse_loss(model(x_t, t.to(device), train_cond), eps.to(device)))
+    x = torch.randn((n, *shape), generator=gen).to(device)
+    return train, denoiser_flops(eps_fn(sample_cond), x, torch.full((n,), levels[1], dtype=torch.long, device=device))
+
+
+def client_step_flops(client, n_samples: int) -> tuple[int, int]:
+    """A client's (training step, sampling step) FLOPs on levels 1..t_c (0, 0 when it has none)."""
+    if client.t_c == 0:
+        return 0, 0
+    gen = torch.Generator().manual_seed(client.id)
+
+    def cond(n):
+        return None if client.condition is None else \
+            client.condition[torch.randint(client.num_records, (n,), generator=gen)].to(client.device)
+    return _step_flops(client.model, client.eps_fn, shape=tuple(client.images.shape[1:]), levels=(1, client.t_c),
+                       schedule=client.schedule, batch=client.batch_size, n=n_samples,
+                       train_cond=cond(client.batch_size), sample_cond=cond(n_samples), device=client.device, seed=0)
+
+
+def server_step_flops(server, n_samples: int) -> tuple[int, int]:
+    """The server's (training step, sampling step) FLOPs on levels t_c+1..T (0, 0 when it has none)."""
+    if not server.has_levels:
+        return 0, 0
+    label = torch.zeros(server.batch_size, dtype=torch.long, device=server.device) if server.client_cond else None
+    return _step_flops(server.model, lambda _: server.eps_fn(0), shape=server.image_shape,
+                       levels=(server.t_c + 1, server.schedule.T), schedule=server.schedule, batch=server.batch_size,
+                       n=n_samples, train_cond=label, sample_cond=None, device=server.device, seed=1)
+
+
+def cost_block(clients: dict[str, dict], server: dict) -> dict:
+    """metrics.json's `cost`: per client and server FLOPs, steps, seconds and bytes, with totals and means."""
+    totals = {k: sum(v[k] for v in clients.values()) for k in ("train_flops", "sample_flops", "bytes_up", "bytes_down")}
+    return {"method": METHOD, "clients": clients, "client_total": totals,
+            "client_mean": {k: v / max(1, len(clients)) for k, v in totals.items()}, "server": server,
+            "bytes_up": totals["bytes_up"], "bytes_down": totals["bytes_down"]}
