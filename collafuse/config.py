@@ -40,6 +40,8 @@ class ServerConfig:
     lr: float = 1e-3
     client_cond: bool = True  # condition on the client id: personalises the server without any label
     ema_decay: float = 0.995  # sampling weights: EMA over ~200 steps (0 = off)
+    max_samples: int = 1024  # the most samples one client may ask for (bounds the work a request costs)
+    max_records_per_client: int = 1_000_000  # the most records a client may declare (bounds its store)
 
 
 @dataclass
@@ -185,6 +187,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"client.noise_secret {cfg.client.noise_secret!r} is unknown; choose "
                          f"{' or '.join(NOISE_SECRETS)} (pinned-for-tests makes the noise guessable)")
     for key in ("rounds", "handoff.views", "handoff.batch", "data.clients", "server.batch_size",
+                "server.max_samples", "server.max_records_per_client",
                 "client.batch_size", "sampling.n", "eval.disclosure_records", "eval.mia_draws"):
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)

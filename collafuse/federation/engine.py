@@ -141,8 +141,8 @@ class Engine:
                 first = len({v for _, v in self.server.held_handoffs(cid)})
                 n = max(0, h.views - first)
             else:  # fresh: enough new views that each record the server draws this round is a new copy
-                # (one view until the clients have declared how many records they hold)
-                total = sum(self.n_train.values())
+                # (one view until records arrived; the records really held, so no claim steers it)
+                total = len(self.server.received)
                 first = self.next_view[cid]
                 n = max(1, math.ceil(self.cfg.server.steps_per_round * self.cfg.server.batch_size / total)) if total \
                     else 1
@@ -162,7 +162,8 @@ class Engine:
         if not isinstance(first, ClientReport) or len(blobs) < 2:
             raise ProtocolError("reply: expected a ClientReport and a SamplingRequest (then handoffs) or a Refusal")
         sampling = protocol.decode(blobs[1], self.server.limits, expect=SamplingRequest)
-        declared = int(first.metrics.get("n_train", 0))
+        declared = self._declared_records(cid, first)
+        # The store a client can fill is bounded up front: its declared records x the views asked for.
         limits = dataclasses.replace(self.server.limits, max_records=declared,
                                      max_views=req.first_view + req.n_views)
         batches = [protocol.decode(b, limits, expect=HandoffBatch) for b in blobs[2:]]
@@ -184,6 +185,20 @@ class Engine:
         numbers["train_seconds"] = report.get("train_seconds", 0.0) + numbers.get("train_seconds", 0.0)
         report.update(numbers)
         return None
+
+    def _declared_records(self, cid: int, report: ClientReport) -> int:
+        """A client's record count: declared in its first report, bounded, and the same ever after."""
+        declared = report.metrics.get("n_train")
+        cap = self.cfg.server.max_records_per_client
+        if declared is None:
+            raise ProtocolError("ClientReport.n_train: missing; a round report declares the client's record count")
+        if declared > cap:
+            raise ProtocolError(f"ClientReport.n_train: {declared} records exceed server.max_records_per_client "
+                                f"= {cap}")
+        if self.n_train.get(cid, declared) != declared:
+            raise ProtocolError(f"ClientReport.n_train: {declared}, but client {cid} declared "
+                                f"{self.n_train[cid]} records before")
+        return declared
 
     @staticmethod
     def _check_sender(cid: int, msgs: list) -> None:

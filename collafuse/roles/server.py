@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise
-from collafuse.core.protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest
+from collafuse.core.protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest, handoff_bound
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors, split_prefix
@@ -20,7 +20,7 @@ class Server:
                  image_shape: tuple[int, int, int], model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
                  client_cond: bool = True, ema_decay: float = 0.0, seed: int = 0,
                  device: torch.device | str = "cpu",
-                 max_message_bytes: int | None = None):
+                 max_message_bytes: int | None = None, max_samples: int = 1024):
         self.schedule, self.t_c = schedule, cut_level
         self.client_ids, self.image_shape = sorted(client_ids), tuple(image_shape)
         self.device, self.batch_size = torch.device(device), batch_size
@@ -31,8 +31,12 @@ class Server:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.ema = EMA(self.model, ema_decay)
         self.gen = torch.Generator().manual_seed(seed + 104729)
+        # What any client message must satisfy before anything is built from it: handoffs no bigger than the
+        # mechanism can make (a poisoned batch is rejected, not clipped), bounded sampling work.
         self.limits = Limits(known_clients=frozenset(self.client_ids), image_shape=self.image_shape,
-                             level=cut_level, **({"max_bytes": max_message_bytes} if max_message_bytes else {}))
+                             level=cut_level, max_samples=max_samples, max_steps=schedule.T,
+                             handoff_bound=handoff_bound(float(schedule.alpha_bar[cut_level])),
+                             **({"max_bytes": max_message_bytes} if max_message_bytes else {}))
         # The handoff store, keyed by (client, record, view): a re-sent view replaces, never duplicates.
         self._store: dict[tuple[int, int, int], torch.Tensor] = {}
         self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -47,7 +51,7 @@ class Server:
         return cls(schedule=schedule, cut_level=schedule.cut_level(cfg.cut), client_ids=list(range(cfg.data.clients)),
                    image_shape=image_shape, model=s.model, lr=s.lr, batch_size=s.batch_size,
                    client_cond=s.client_cond, ema_decay=s.ema_decay, seed=cfg.seed, device=device,
-                   max_message_bytes=cfg.max_message_bytes)
+                   max_message_bytes=cfg.max_message_bytes, max_samples=s.max_samples)
 
     @property
     def has_levels(self) -> bool:

@@ -82,15 +82,18 @@ def run_local_command(
     from collafuse.federation.flower.local import run_local
     from collafuse.federation.flower.processes import FlowerProcessError
     try:
+        typer.echo("preparing data and starting the federation (SuperLink, SuperNodes) ...")
         result = run_local(load_config(config, set_), config, set_, out, simulation=simulation, insecure=insecure,
-                           round_timeout=round_timeout, app=app_dir)
+                           round_timeout=round_timeout, app=app_dir, progress=typer.echo)
     except (ValueError, FileNotFoundError, FileExistsError, FlowerProcessError) as e:
         _fail(e)
     m = result.metrics
     for cid, c in m["clients"].items():
         typer.echo(f"client {cid}: FID {c['fid']:.2f}  KID {c['kid_mean']:.4f}  images in "
                    f"{result.out / 'clients' / f'client-{cid}'}")
-    if m["flower"]["missing_clients"]:
-        typer.echo(f"clients without results (dropped out): {m['flower']['missing_clients']}")
+    if m["participation"]["missing_clients"]:
+        typer.echo(f"clients without results (refused or dropped out): {m['participation']['missing_clients']}")
     typer.echo(f"metrics: {result.out / 'server' / 'metrics.json'}   run {result.run.run_id}: {result.run.status}, "
-               f"{result.run.wall_s:.0f} s, network {result.run.inbound_bytes + result.run.outbound_bytes:,} bytes")
+               f"{result.run.wall_s:.0f} s")
+    typer.echo(f"protocol bytes up {m['bytes_up']:,}  down {m['bytes_down']:,}; Flower's traffic counter "
+               f"{result.run.inbound_bytes + result.run.outbound_bytes:,} bytes (gRPC, TLS and Flower's own messages)")

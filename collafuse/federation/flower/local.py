@@ -58,7 +58,7 @@ class LocalResult:
 
 def run_local(cfg: Config, preset: str, overrides: list[str], out: str | Path, *, simulation: bool = False,
               insecure: bool = False, round_timeout: float = 300.0, timeout: float = 1800.0,
-              app: str | Path | None = None) -> LocalResult:
+              app: str | Path | None = None, progress=None) -> LocalResult:
     """Prepare per-client data, start a local federation (TLS + auth unless insecure), run the app, stop it all."""
     out = Path(out).resolve()
     folder = app_dir(app)
@@ -71,9 +71,9 @@ def run_local(cfg: Config, preset: str, overrides: list[str], out: str | Path, *
     with LocalFederation(out / "flower", certs=certs, insecure=certs is None, simulation=simulation) as fed:
         fed.start_superlink()
         if simulation:
-            run = fed.run_app(folder, run_config=run_config, timeout=timeout,
+            run = fed.run_app(folder, run_config=run_config, timeout=timeout, progress=progress,
                               federation_config={"num-supernodes": n, "client-resources-num-cpus": 1})
         else:
             start_clients(fed, n, data_root, client_root, certs)
-            run = fed.run_app(folder, run_config=run_config, timeout=timeout)
+            run = fed.run_app(folder, run_config=run_config, timeout=timeout, progress=progress)
     return LocalResult(run, json.loads((server_out / "metrics.json").read_text()), out)

@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,8 +324,12 @@ class LocalFederation:
         federation_config: Mapping[str, ConfigValue] | None = None,
         timeout: float = 600.0,
         check: bool = True,
+        progress: Callable[[str], None] | None = None,
     ) -> FlowerRun:
-        """`flwr run <app_dir> collafuse --stream` until the run ends; with `check`, raise unless it completed."""
+        """`flwr run <app_dir> collafuse --stream` until the run ends; with `check`, raise unless it completed.
+
+        `progress` gets each line the ServerApp prints (its per-round lines) while the run goes on.
+        """
         app_dir = Path(app_dir).resolve()
         if not (app_dir / "pyproject.toml").is_file():
             raise FileNotFoundError(f"{app_dir}/pyproject.toml not found; app_dir must be a Flower app folder.")
@@ -339,9 +343,14 @@ class LocalFederation:
             command += ["--federation-config", format_config(federation_config)]
         self._runs += 1
         process = start_process(f"run-{self._runs}", command, self.workdir / "logs" / f"run-{self._runs}.log", self.env)
-        start = time.monotonic()
+        start, shown = time.monotonic(), 0
         try:
-            process.popen.wait(timeout=timeout)
+            while process.popen.poll() is None:
+                if time.monotonic() - start > timeout:
+                    raise subprocess.TimeoutExpired(command, timeout)
+                time.sleep(0.5)
+                shown = _show_progress(process.log_path, shown, progress)
+            _show_progress(process.log_path, shown, progress)
         except subprocess.TimeoutExpired:
             process.stop()
             raise FlowerProcessError(
@@ -472,3 +481,18 @@ def _alive(pid: int, root: subprocess.Popen) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; its parent reaps it
+
+
+_PROGRESS_LINE = re.compile(r"(round \d+/\d+:|refused round|sampled clients|no valid hello|claims client)")
+
+
+def _show_progress(log: Path, shown: int, progress: Callable[[str], None] | None) -> int:
+    """Hand the ServerApp's progress lines written to `log` since byte `shown` to `progress`; the new offset."""
+    if progress is None or not log.is_file():
+        return shown
+    text = log.read_bytes()[shown:]
+    complete = text[: text.rfind(b"\n") + 1]
+    for line in complete.decode(errors="replace").splitlines():
+        if _PROGRESS_LINE.search(line):
+            progress(line.strip())
+    return shown + len(complete)
