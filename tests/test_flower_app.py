@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from collafuse.cli import app as cli_app
@@ -17,11 +19,11 @@ from collafuse.core import protocol
 from collafuse.config import load_config
 from collafuse.core.protocol import HandoffBatch, Refusal
 from collafuse.federation.engine import ROUND, Engine
-from collafuse.federation.flower.certs import make_certificates
+from collafuse.federation.flower.certs import key_fingerprint, load_client_keys, make_certificates
 from collafuse.federation.flower.cli import flower_app
 from collafuse.federation.flower.local import app_dir, app_run_config, run_local, start_clients
 from collafuse.federation.flower.processes import LocalFederation, _descendants
-from collafuse.federation.flower.roles import (ClientPlace, client_round, client_samples, open_client,
+from collafuse.federation.flower.roles import (ClientPlace, bind_node, client_round, client_samples, open_client,
                                                place_from_configs, prepare_data)
 from collafuse.federation.inprocess import run
 from collafuse.roles.policy import ReleaseLedger
@@ -223,6 +225,41 @@ def test_replies_that_must_not_be_accepted(smoke_data, tmp_path):
     assert engine.server.num_handoffs() == 162
 
 
+def test_a_node_speaks_only_for_the_client_its_key_is_mapped_to(tmp_path):
+    certs = make_certificates(tmp_path / "certs", n_nodes=2)
+    keys = load_client_keys(certs.client_keys)
+    pubs = [p.read_bytes() for p in certs.node_public_keys]
+    fps = [key_fingerprint(p) for p in pubs]
+    assert keys == {fps[0]: 0, fps[1]: 1} and len(set(fps)) == 2
+    # The same key in another encoding (as a SuperLink may store it) has the same fingerprint.
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_ssh_public_key(pubs[1])
+    for encoding, fmt in ((serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+                          (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)):
+        assert key_fingerprint(key.public_bytes(encoding, fmt)) == fps[1]
+    with pytest.raises(ValueError, match="not a public key"):
+        key_fingerprint(b"garbage")
+    client_of = {}
+    # A node with a valid key for client 1 that claims client 0 is refused; the real client 0 then binds.
+    with pytest.raises(protocol.ProtocolError, match="claims client 0, but its key speaks for client 1"):
+        bind_node(11, 0, fps[1], keys, client_of)
+    with pytest.raises(protocol.ProtocolError, match="not in the server's client-keys map"):
+        bind_node(12, 0, "ab" * 32, keys, client_of)
+    with pytest.raises(protocol.ProtocolError, match="not in the server's client-keys map"):
+        bind_node(13, 0, None, keys, client_of)  # a node without a key (an insecure one) in a keyed run
+    client_of[10] = bind_node(10, 0, fps[0], keys, client_of)
+    assert client_of == {10: 0}
+    # Without a key map (simulation, --insecure) the first claim binds, and a second claimant is refused.
+    with pytest.raises(protocol.ProtocolError, match="claims client 0, which node 10 holds"):
+        bind_node(14, 0, None, None, client_of)
+    assert bind_node(10, 0, None, None, client_of) == 0
+    certs.client_keys.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected"):
+        load_client_keys(certs.client_keys)
+    with pytest.raises(FileNotFoundError, match="collafuse flower certs"):
+        load_client_keys(tmp_path / "none.json")
+
+
 def test_client_configuration_errors_name_the_fix(smoke_data, tmp_path):
     cfg, root = smoke_data
     with pytest.raises(ValueError, match="no data-path"):
@@ -292,14 +329,29 @@ def kill_when_its_clientapp_runs(node, stop: threading.Event) -> None:
 @pytest.mark.slow
 def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round(smoke_data, tmp_path):
     cfg, root = smoke_data
-    certs = make_certificates(tmp_path / "certs", n_nodes=3)
+    certs = make_certificates(tmp_path / "certs", n_nodes=4)
+    # A fourth node holds a valid, registered key that speaks for client 1, and claims client 0.
+    keys = json.loads(certs.client_keys.read_text())
+    keys = {fp: (1 if k == 3 else k) for fp, k in keys.items()}
+    certs.client_keys.write_text(json.dumps(keys))
     clients, out = tmp_path / "clients", tmp_path / "server"
     with LocalFederation(tmp_path / "fed", certs=certs) as fed:
         fed.start_superlink()
         nodes = start_clients(fed, 3, root, clients, certs)
-        run = fed.run_app(REPO, run_config=app_run_config("smoke", [], out, round_timeout=120), timeout=170)
+        fed.register_node(certs.node_public_keys[3])
+        rogue = fed.start_supernode({"client-id": 0, "data-path": str(root / "client-0"),
+                                     "state-path": str(tmp_path / "rogue")}, private_key=certs.node_private_keys[3])
+        config = lambda folder, **kw: app_run_config("smoke", kw.pop("overrides", []), folder,
+                                                     client_keys=certs.client_keys, **kw)
+        run = fed.run_app(REPO, run_config=config(out, round_timeout=120), timeout=170)
         metrics = json.loads((out / "metrics.json").read_text())
         assert sorted(metrics["clients"]) == ["0", "1", "2"] and metrics["rounds"] == 2
+        # The impersonator is refused before anything is stored; the real client 0 works.
+        assert sorted(metrics["flower"]["nodes"].values()) == [0, 1, 2]
+        assert str(fed.wait_for_supernode(rogue)) not in metrics["flower"]["nodes"]
+        assert "claims client 0, but its key speaks for client 1" in run.output
+        assert not (tmp_path / "rogue" / "ledger.jsonl").exists()
+        rogue.stop()
         assert all(set(m) == CLIENT_KEYS for m in metrics["clients"].values())
         assert metrics["dp"]["epsilon"] > 0 and metrics["cost"] is not None
         for k in range(3):  # each client's images on that client's disk, and nowhere else
@@ -314,8 +366,7 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
         killer = threading.Thread(target=kill_when_its_clientapp_runs, args=(nodes[2], stop), daemon=True)
         killer.start()
         try:
-            fed.run_app(REPO, run_config=app_run_config("smoke", [], out, rounds=3, resume=True, round_timeout=40),
-                        timeout=170)
+            fed.run_app(REPO, run_config=config(out, rounds=3, resume=True, round_timeout=40), timeout=170)
         finally:
             stop.set()
         assert not nodes[2].is_running()
@@ -328,8 +379,8 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
         # A curious operator starts a new run that asks for the raw images (cut 0, and a client.policy saying
         # so): every client refuses, and nothing more enters any client's ledger.
         curious = tmp_path / "curious"
-        fed.run_app(REPO, run_config=app_run_config("smoke", ["cut=0", "client.policy.min_cut=0"], curious,
-                                                    rounds=1, round_timeout=60), timeout=120)
+        fed.run_app(REPO, run_config=config(curious, overrides=["cut=0", "client.policy.min_cut=0"], rounds=1,
+                                            round_timeout=60), timeout=120)
         metrics = json.loads((curious / "metrics.json").read_text())
         assert sorted(metrics["participation"]["log"][0]["refused"]) == ["0", "1"]
         assert metrics["server"]["handoffs_held"] == 0
@@ -339,12 +390,32 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
 
 
 @pytest.mark.slow
-def test_simulation_with_ten_clients(tmp_path):
-    result = run_local(load_config("smoke", ["data.clients=10"]), "smoke", ["data.clients=10"], tmp_path,
-                       simulation=True, round_timeout=120, timeout=200)
-    assert result.run.completed
-    assert sorted(result.metrics["clients"], key=int) == [str(k) for k in range(10)]
-    assert all(set(m) == CLIENT_KEYS for m in result.metrics["clients"].values())
-    for k in range(10):
-        assert len(list((tmp_path / "clients" / f"client-{k}").rglob(f"samples_client{k}.png"))) == 1
+def test_simulation_with_ten_clients_one_of_them_poisoning(tmp_path):
+    """Ten clients on Flower's simulation engine; client 9's records are 1e30: its handoffs are out of range."""
+    cfg = load_config("smoke", ["data.clients=10"])
+    data_root, client_root = tmp_path / "data", tmp_path / "clients"
+    prepare_data(cfg, data_root)
+    poisoned = data_root / "client-9" / "data.safetensors"
+    tensors = load_file(str(poisoned))
+    with safe_open(str(poisoned), "pt") as f:
+        meta = f.metadata()
+    save_file({**tensors, "train_images": tensors["train_images"] * 1e30}, str(poisoned), metadata=meta)
+    with LocalFederation(tmp_path / "flower", simulation=True) as fed:
+        fed.start_superlink()
+        run = fed.run_app(REPO, run_config=app_run_config("smoke", ["data.clients=10"], tmp_path / "server",
+                                                          round_timeout=120, data_root=data_root,
+                                                          client_root=client_root),
+                          federation_config={"num-supernodes": 10, "client-resources-num-cpus": 1}, timeout=300)
+    assert run.completed
+    metrics = json.loads((tmp_path / "server" / "metrics.json").read_text())
+    for entry in metrics["participation"]["log"]:  # every round completes for the nine others
+        assert entry["replied"] == list(range(9)) and "handoff_bound" in entry["dropped"]["9"]
+    assert sorted(metrics["clients"], key=int) == [str(k) for k in range(9)]
+    assert metrics["participation"]["missing_clients"] == [9]
+    assert all(set(m) == CLIENT_KEYS for m in metrics["clients"].values())
+    server = load_file(str(tmp_path / "server" / "checkpoint" / "server.safetensors"))
+    assert all(torch.isfinite(t).all() for k, t in server.items() if t.is_floating_point())
+    assert metrics["server"]["handoffs_held"] == sum(metrics["clients"][str(k)]["n_train"] for k in range(9))
+    for k in range(9):
+        assert len(list((client_root / f"client-{k}").rglob(f"samples_client{k}.png"))) == 1
     assert live_processes_with(tmp_path) == []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -24,6 +27,7 @@ class Certificates:
     server_key: Path  # SuperLink --ssl-keyfile
     node_private_keys: tuple[Path, ...]  # SuperNode k: --auth-supernode-private-key
     node_public_keys: tuple[Path, ...]  # register with `flwr supernode register`
+    client_keys: Path  # the ServerApp's `client-keys`: which node key speaks for which client
 
 
 def make_certificates(
@@ -89,6 +93,7 @@ def make_certificates(
         server_key=out / "server.key",
         node_private_keys=tuple(out / "nodes" / f"node-{k}.key" for k in range(n_nodes)),
         node_public_keys=tuple(out / "nodes" / f"node-{k}.pub" for k in range(n_nodes)),
+        client_keys=out / CLIENT_KEYS,
     )
     paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(paths.ca_key, _pem_key(ca_key))
@@ -106,7 +111,40 @@ def make_certificates(
         public_path.write_bytes(
             node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         )
+    # Node k's key speaks for client k, and for no other: the server binds identities by key, not by claim.
+    paths.client_keys.write_text(json.dumps(
+        {key_fingerprint(p.read_bytes()): k for k, p in enumerate(paths.node_public_keys)}, indent=1))
     return paths
+
+
+CLIENT_KEYS = "clients.json"
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """SHA-256 of a public key's DER SubjectPublicKeyInfo, whichever encoding it comes in (OpenSSH, PEM, DER)."""
+    loaders = (serialization.load_ssh_public_key, serialization.load_pem_public_key,
+               serialization.load_der_public_key)
+    for load in loaders:
+        try:
+            key = load(bytes(public_key))
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+        der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(der).hexdigest()
+    raise ValueError("not a public key in OpenSSH, PEM or DER encoding")
+
+
+def load_client_keys(path: str | Path) -> dict[str, int]:
+    """The `client-keys` file `make_certificates` wrote: key fingerprint -> client id."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"client-keys {path} not found; `collafuse flower certs` writes it as "
+                                f"<certs>/{CLIENT_KEYS}")
+    keys = json.loads(path.read_text())
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0
+                                             for k, v in keys.items()):
+        raise ValueError(f"{path}: expected {{\"<key fingerprint>\": <client id>, ...}}")
+    return keys
 
 
 def registration_help(certs: Certificates, *, superlink_address: str = "<superlink-host>:8000") -> str:

@@ -26,12 +26,14 @@ def app_dir(path: str | Path | None = None) -> Path:
 
 def app_run_config(preset: str, overrides: list[str], out_dir: Path, *, rounds: int = 0, resume: bool = False,
                    round_timeout: float = 300.0, data_root: Path | None = None,
-                   client_root: Path | None = None) -> dict:
+                   client_root: Path | None = None, client_keys: Path | None = None) -> dict:
     """The `--run-config` of one run; paths absolute because the ServerApp's working folder is the SuperLink's."""
     config = {"preset": preset, "set": " ".join(overrides), "rounds": rounds, "out-dir": str(Path(out_dir).resolve()),
               "resume": resume, "round-timeout": float(round_timeout)}
     if data_root is not None:
         config.update({"data-root": str(Path(data_root).resolve()), "client-root": str(Path(client_root).resolve())})
+    if client_keys is not None:  # identities bound to the nodes' authentication keys
+        config["client-keys"] = str(Path(client_keys).resolve())
     return config
 
 
@@ -67,7 +69,8 @@ def run_local(cfg: Config, preset: str, overrides: list[str], out: str | Path, *
     n = cfg.data.clients
     certs = None if insecure or simulation else make_certificates(out / "certs", n_nodes=n)
     run_config = app_run_config(preset, overrides, server_out, round_timeout=round_timeout,
-                                data_root=data_root if simulation else None, client_root=client_root)
+                                data_root=data_root if simulation else None, client_root=client_root,
+                                client_keys=certs and certs.client_keys)
     with LocalFederation(out / "flower", certs=certs, insecure=certs is None, simulation=simulation) as fed:
         fed.start_superlink()
         if simulation:

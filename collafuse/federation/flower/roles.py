@@ -48,6 +48,26 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     return cfg.data.channels, cfg.data.image_size, cfg.data.image_size
 
 
+def bind_node(node: int, claimed: int, fingerprint: str | None, client_keys: dict[str, int] | None,
+              client_of: dict[int, int]) -> int:
+    """The client a node may speak for, or ProtocolError naming why not (nothing of it is stored then).
+
+    With `client_keys` (the deployment's key map) a node speaks only for the client its authentication
+    key is mapped to, whatever it claims. Without (simulation, --insecure), the first claim binds, for the
+    run: a trust-on-first-use that an authenticated deployment does not need.
+    """
+    if client_keys is not None:
+        if fingerprint is None or fingerprint not in client_keys:
+            raise protocol.ProtocolError(f"node {node}: its key is not in the server's client-keys map")
+        if client_keys[fingerprint] != claimed:
+            raise protocol.ProtocolError(f"node {node}: claims client {claimed}, but its key speaks for client "
+                                         f"{client_keys[fingerprint]}")
+    holder = {c: n for n, c in client_of.items()}.get(claimed)
+    if holder not in (None, node):
+        raise protocol.ProtocolError(f"node {node}: claims client {claimed}, which node {holder} holds")
+    return claimed
+
+
 # ---------------------------------------------------------------- data preparation (one folder per client)
 
 def prepare_data(cfg: Config, out: str | Path) -> list[Path]:

@@ -2,7 +2,8 @@
 
 Per round one "train.round" message per client (a RoundRequest down; the client's answer up), then one
 "query.sample" per client (SamplingHandoffs down, a ClientReport up). Which node is which client is
-learnt once per node with a "query.hello" and kept (in the checkpoint) for the run. A node that errs,
+learnt once per node with a "query.hello", checked against the node's authentication key (`client-keys`),
+and kept (in the checkpoint) for the run. A node that errs,
 misses the timeout or sends a reply the engine rejects is skipped for that round and asked again in
 the next; the run goes on with the others.
 """
@@ -18,7 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from collafuse.core import protocol
 from collafuse.core.protocol import ClientReport, Limits, ProtocolError
 from collafuse.federation.engine import ROUND, Engine
-from collafuse.federation.flower.roles import flower_config
+from collafuse.federation.flower.certs import key_fingerprint, load_client_keys
+from collafuse.federation.flower.roles import bind_node, flower_config
 
 app = ServerApp()
 MESSAGE_TYPES = {ROUND: "train.round", "sample": "query.sample", "hello": "query.hello"}
@@ -27,12 +29,11 @@ MESSAGE_TYPES = {ROUND: "train.round", "sample": "query.sample", "hello": "query
 class FlowerTransport:
     """The round engine's transport over a Flower Grid: client ids <-> node ids, bytes in ConfigRecords."""
 
-    def __init__(self, grid: Grid, *, clients: int, timeout: float):
-        self.grid, self.timeout = grid, timeout
+    def __init__(self, grid: Grid, *, clients: int, timeout: float, client_keys: dict[str, int] | None = None):
+        self.grid, self.timeout, self.client_keys = grid, timeout, client_keys
         self.known = frozenset(range(clients))
         self.client_of: dict[int, int] = {}  # node id -> client id, bound at the node's first hello
         self.run_id = ""
-        self.refused_nodes: dict[int, str] = {}
 
     def _ask(self, message_type: str, configs: dict[int, dict], group: str) -> dict[int, list[bytes] | str]:
         msgs = [Message(RecordDict({"wire": ConfigRecord(config)}), dst_node_id=node, message_type=message_type,
@@ -49,23 +50,21 @@ class FlowerTransport:
         return replies
 
     def _greet(self) -> None:
-        """Learn the client id of every connected node not yet bound (first claim binds; see threat model)."""
+        """Learn which client every connected node not yet bound speaks for: by its key (roles.bind_node)."""
         new = [n for n in sorted(self.grid.get_node_ids()) if n not in self.client_of]
         if not new:
             return
+        keys = {info.node_id: key_fingerprint(info.public_key) if info.public_key else None
+                for info in self.grid.get_nodes()} if self.client_keys is not None else {}
         limits = Limits(known_clients=self.known)
         for node, reply in self._ask("query.hello", {n: {"run": self.run_id} for n in new}, "hello").items():
             try:
                 if isinstance(reply, str) or len(reply) != 1:
-                    raise ProtocolError(f"hello: {reply if isinstance(reply, str) else len(reply)} ")
-                cid = protocol.decode(reply[0], limits, expect=ClientReport).client_id
-            except ProtocolError as e:
-                print(f"node {node}: no valid hello ({e}); asked again next round", flush=True)
-                continue
-            if cid in self.client_of.values():
-                print(f"node {node} claims client {cid}, which another node holds: refused", flush=True)
-                continue
-            self.client_of[node] = cid
+                    raise ProtocolError(f"no valid hello: {reply if isinstance(reply, str) else len(reply)}")
+                claimed = protocol.decode(reply[0], limits, expect=ClientReport).client_id
+                self.client_of[node] = bind_node(node, claimed, keys.get(node), self.client_keys, self.client_of)
+            except (ProtocolError, ValueError) as e:  # ValueError: a key that is no public key
+                print(f"node {node} refused: {e}; asked again next round", flush=True)
 
     def clients(self) -> list[int]:
         self._greet()
@@ -98,7 +97,8 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     cfg = flower_config(rc)
     out = Path(str(rc["out-dir"]) or f"runs/flower-{context.run_id}")
-    transport = FlowerTransport(grid, clients=cfg.data.clients, timeout=float(rc["round-timeout"]))
+    keys = load_client_keys(str(rc["client-keys"])) if str(rc.get("client-keys", "")) else None
+    transport = FlowerTransport(grid, clients=cfg.data.clients, timeout=float(rc["round-timeout"]), client_keys=keys)
     engine = Engine(cfg, out, transport, resume=bool(rc["resume"]))
     transport.run_id = engine.run_id
     wait_for_nodes(grid, cfg.data.clients, float(rc["node-timeout"]))
