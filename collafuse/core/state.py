@@ -74,3 +74,17 @@ def swap_in(out: Path, name: str, write) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a new directory entry durable (a crash must not lose a file already relied on); best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -214,23 +214,11 @@ class Engine:
         for cid, b in blobs.items():
             self.bytes_down[cid] += len(b)
         replies = self.transport.exchange(ROUND, blobs)
-        replied, refused, dropped, losses = [], {}, {}, {}
-        for cid in requests:
-            reply = replies.get(cid, "no reply")
-            if isinstance(reply, str):
-                dropped[cid] = reply
-                continue
-            self.bytes_up[cid] += sum(len(b) for b in reply)
-            try:
-                reason = self.take_round_reply(cid, requests[cid], reply)
-            except ProtocolError as e:
-                dropped[cid] = f"rejected: {e}"
-                continue
-            if reason is not None:
-                refused[cid] = reason
-            else:
-                replied.append(cid)
-                losses[f"client{cid}"] = self.reports[cid].get("loss")
+        results, dropped = self._collect(replies, requests,
+                                         lambda cid, reply: self.take_round_reply(cid, requests[cid], reply))
+        refused = {cid: reason for cid, reason in results.items() if reason is not None}
+        replied = [cid for cid, reason in results.items() if reason is None]
+        losses = {f"client{cid}": self.reports[cid].get("loss") for cid in replied}
         self.seconds["clients.round"] += time.perf_counter() - t0
         t1 = time.perf_counter()
         loss = None
@@ -272,25 +260,32 @@ class Engine:
             blobs[cid] = protocol.encode(self.server.sample_to_cut(self.sampling[cid]))
             self.seconds["server.sample"] += time.perf_counter() - t1
             self.bytes_down[cid] += len(blobs[cid])
-        replies = self.transport.exchange(SAMPLE, blobs)
-        dropped = {}
-        for cid in blobs:
+        _, dropped = self._collect(self.transport.exchange(SAMPLE, blobs), blobs, self.take_sample_reply)
+        self.seconds["sampling"] += time.perf_counter() - t0
+        return dropped
+
+    def take_sample_reply(self, cid: int, blobs: list[bytes]) -> None:
+        """Keep a client's numbers on its samples (one ClientReport)."""
+        if len(blobs) != 1:
+            raise ProtocolError(f"sampling reply: {len(blobs)} messages, expected one ClientReport")
+        report = protocol.decode(blobs[0], self.server.limits, expect=ClientReport)
+        self._check_sender(cid, [report])
+        self.reports[cid].update(report.metrics, sampled=True)
+
+    def _collect(self, replies: dict, asked, take) -> tuple[dict, dict[int, str]]:
+        """Each asked client's reply through `take` (validate, then keep): the results, and why the others have none."""
+        results, dropped = {}, {}
+        for cid in asked:
             reply = replies.get(cid, "no reply")
             if isinstance(reply, str):
                 dropped[cid] = reply
                 continue
             self.bytes_up[cid] += sum(len(b) for b in reply)
             try:
-                if len(reply) != 1:
-                    raise ProtocolError(f"sampling reply: {len(reply)} messages, expected one ClientReport")
-                report = protocol.decode(reply[0], self.server.limits, expect=ClientReport)
-                self._check_sender(cid, [report])
-            except ProtocolError as e:
+                results[cid] = take(cid, reply)
+            except ProtocolError as e:  # a bad reply is skipped for this round; nothing of it was kept
                 dropped[cid] = f"rejected: {e}"
-                continue
-            self.reports[cid].update(report.metrics, sampled=True)
-        self.seconds["sampling"] += time.perf_counter() - t0
-        return dropped
+        return results, dropped
 
     # -- the metrics block
 

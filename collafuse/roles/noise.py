@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from collafuse.core.state import fsync_dir
+
 SECRET_BYTES = 32
 SECRET_FILE = "secret.key"
 DIGEST_BYTES = 32
@@ -144,7 +146,7 @@ def _create_secret_file(path: Path) -> None:
                 _write_new_file(path, secret)
             except FileExistsError:
                 return
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -175,17 +177,3 @@ def _read_secret_file(path: Path) -> bytes:
             f"already released gives the server fresh views of them"
         )
     return data
-
-
-def _fsync_dir(folder: Path) -> None:
-    # the new directory entry must be durable too, or a crash could lose a secret already used
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collafuse.core.state import fsync_dir
 from collafuse.roles.noise import DIGEST_BYTES, release_key
 from collafuse.roles.privacy import handoff_mechanism, range_clip_norm, releases_epsilon
 
@@ -310,7 +311,7 @@ class ReleaseLedger:
                 view = view[os.write(fd, view):]
             os.fsync(fd)  # durable before the caller lets any handoff leave
             if self._offset == 0:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             self._offset += len(data)
             self._line_no += 1
             self._apply(_Entry(release, views, new_digests))
@@ -433,19 +434,6 @@ def _check_digests(digests) -> None:
 def _lock(fd: int, *, exclusive: bool) -> None:
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)  # released when fd closes
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _release_order(r: Release) -> tuple:
