@@ -17,15 +17,16 @@ import torch
 
 from collafuse.config import load_config
 from collafuse.federation.flower.local import run_local
-from collafuse.federation.inprocess import build, train_round
+from collafuse.federation.inprocess import start
 
 
-def in_process(cfg) -> dict:
-    fed = build(cfg)
+def in_process(cfg, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    engine, fed, _ = start(cfg, out)
     walls = []
     for _ in range(cfg.rounds):
         t0 = time.perf_counter()
-        train_round(fed)
+        engine.run_round()
         walls.append(time.perf_counter() - t0)
     up = sum(fed.wire.bytes_up.values())
     return {"round_s": walls, "protocol_bytes_per_client_round": up / cfg.data.clients / cfg.rounds,
@@ -36,7 +37,7 @@ def flower(cfg, preset: str, overrides: list[str], out: Path, simulation: bool) 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     result = run_local(cfg, preset, overrides, out, simulation=simulation, round_timeout=300)
-    log = result.metrics["flower"]["log"]
+    log = result.metrics["participation"]["log"]
     n, rounds = cfg.data.clients, len(log)
     network = result.run.inbound_bytes + result.run.outbound_bytes
     return {"round_s": [e["wall_seconds"] for e in log],
@@ -53,7 +54,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(a.config, a.set)
-    rows = {"in-process": in_process(cfg),
+    rows = {"in-process": in_process(cfg, a.out / "in-process"),
             "simulation": flower(cfg, a.config, a.set, a.out / "simulation", simulation=True),
             "deployment (TLS+auth)": flower(cfg, a.config, a.set, a.out / "deployment", simulation=False)}
     print(f"{a.config} {' '.join(a.set)}: {cfg.data.clients} clients, {cfg.rounds} rounds, up-bytes per client-round")

@@ -15,6 +15,8 @@ from sklearn.datasets import load_digits
 
 from collafuse.core import protocol
 from collafuse.roles.client import Client
+from collafuse.roles.noise import new_secret
+from collafuse.roles.policy import ReleaseLedger
 from collafuse.config import load_config
 from collafuse.core.models import Denoiser, ModelConfig, device_auto
 from collafuse.measure.quality import evaluate_quality, feature_extractor, train_domain_classifier
@@ -53,11 +55,12 @@ def main() -> None:
     s = NoiseSchedule(1000)
     t_c = s.cut_level(0.2)
     small = ModelConfig(channels=(16, 32), attention=False)
-    client = Client(0, images[:1200], labels[:1200], schedule=s, cut_level=t_c, model=small, device=device)
+    client = Client(0, images[:1200], labels[:1200], schedule=s, cut_level=t_c, model=small, device=device,
+                    secret=new_secret(), ledger=ReleaseLedger(None))
     server = Server(schedule=s, cut_level=t_c, client_ids=[0], image_shape=(1, 16, 16), model=ModelConfig(),
                     device=device)
     assert next(client.model.parameters()).device.type == device.type
-    for msg in client.make_handoffs(1, 512):
+    for msg in client.make_handoffs([0], 512):
         server.ingest(protocol.decode(protocol.encode(msg), server.limits))
     losses = client.train(30), server.train(30)
     assert all(l == l for l in losses), losses

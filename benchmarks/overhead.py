@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from collafuse.roles.client import Client
+from collafuse.roles.noise import new_secret
+from collafuse.roles.policy import ReleaseLedger
 from collafuse.config import load_config
 from collafuse.core.models import Denoiser
 from collafuse.core.schedule import NoiseSchedule
@@ -57,10 +59,11 @@ def main() -> None:
     t_c = schedule.cut_level(cfg.cut)
     images = torch.rand(800, 1, 16, 16) * 2 - 1
     client = Client(0, images, torch.zeros(800, dtype=torch.long), schedule=schedule, cut_level=t_c,
-                    model=cfg.client.model, batch_size=cfg.client.batch_size)
+                    model=cfg.client.model, batch_size=cfg.client.batch_size,
+                    secret=new_secret(), ledger=ReleaseLedger(None))
     server = Server(schedule=schedule, cut_level=t_c, client_ids=[0], image_shape=(1, 16, 16),
                     model=cfg.server.model, batch_size=cfg.server.batch_size)
-    for msg in client.make_handoffs(1, 800):
+    for msg in client.make_handoffs([0], 800):
         server.ingest(msg)
     rows = []
     for role, obj, batch, levels, label in (

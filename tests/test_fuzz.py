@@ -119,3 +119,27 @@ def test_rejected_handoffs_leave_the_server_untouched(mutator):
         before = None
     assert checked >= 20 and accepted > 50 and changed > 0, (checked, accepted, changed)
 
+
+
+def test_mutations_of_a_real_smoke_runs_messages(tmp_path):
+    """The same campaign seeded with every message type a real in-process smoke round put on the wire."""
+    import dataclasses
+
+    from collafuse.config import load_config
+    from collafuse.federation.inprocess import start
+    from collafuse.measure.evaluate import split_sample
+    engine, fed, _ = start(load_config("smoke", ["rounds=1"]), tmp_path, capture=True)
+    engine.run_round()
+    split_sample(fed, fed.clients[1], 8, server_steps=3, client_steps=2, sampler="ddim", seed=0)
+    refusal = fed.clients[2].answer(dataclasses.replace(engine.request(2), level=0), handoff_batch=512, sampling=None)
+    real = {type(m).__name__: m for m in [protocol.decode(b) for _, _, b in fed.wire.captured] + refusal}
+    assert sorted(real) == sorted(protocol.MESSAGES)
+    limits = dataclasses.replace(fed.server.limits, max_records=200, max_views=1)
+    mutator = fuzz.Mutator(real, limits)
+    crashes = []
+    for i in range(3000):
+        _, blob, ops = fuzz.message(mutator, 7, i)
+        msg, error, finding = fuzz.decode_one(blob, limits)
+        if finding in ("crash", "escape"):
+            crashes.append((i, ops, error))
+    assert crashes == []
