@@ -400,7 +400,7 @@ def test_simulation_with_ten_clients_one_of_them_poisoning(tmp_path):
     with safe_open(str(poisoned), "pt") as f:
         meta = f.metadata()
     save_file({**tensors, "train_images": tensors["train_images"] * 1e30}, str(poisoned), metadata=meta)
-    with LocalFederation(tmp_path / "flower", simulation=True) as fed:
+    with LocalFederation(tmp_path / "flower", insecure=True, simulation=True) as fed:
         fed.start_superlink()
         run = fed.run_app(REPO, run_config=app_run_config("smoke", ["data.clients=10"], tmp_path / "server",
                                                           round_timeout=120, data_root=data_root,

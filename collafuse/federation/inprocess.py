@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from collafuse.config import Config, client_policy
 from collafuse.core.models import device_auto
@@ -126,8 +127,8 @@ def build(cfg: Config, capture: bool = False, device: torch.device | None = None
 class InProcessTransport:
     """The round engine's transport in one process: each request's bytes go to the client's side, and back."""
 
-    def __init__(self, fed: Federation, out: Path):
-        self.fed, self.out = fed, out
+    def __init__(self, fed: Federation, out: Path, progress: bool = False):
+        self.fed, self.out, self.progress = fed, out, progress
         self.evaluations: dict | None = None  # client id -> ClientEvaluation, made before sampling
 
     def clients(self) -> list[int]:
@@ -135,7 +136,8 @@ class InProcessTransport:
 
     def exchange(self, kind: str, requests: dict[int, bytes]) -> dict[int, list[bytes]]:
         replies = {}
-        for cid, blob in requests.items():
+        for cid, blob in tqdm(requests.items(), desc=f"{kind}: clients", unit="client", leave=False,
+                              disable=not self.progress):
             client, wire = self.fed.clients[cid], self.fed.wire
             wire.carry("down", cid, blob)
             t0 = time.perf_counter()
@@ -173,13 +175,13 @@ def load_checkpoint(fed: Federation, out: Path) -> None:
 
 
 def start(cfg: Config, out: str | Path, *, resume: bool = False, capture: bool = False,
-          device: torch.device | None = None) -> tuple[Engine, Federation, InProcessTransport]:
+          device: torch.device | None = None, progress: bool = False) -> tuple[Engine, Federation, InProcessTransport]:
     """Build the federation and the round engine over it (resumed from the run folder's checkpoint if asked)."""
     out = Path(out)
     if not resume and (out / CHECKPOINT).exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     fed = build(cfg, capture=capture, device=device, state=out / CLIENTS)
-    transport = InProcessTransport(fed, out)
+    transport = InProcessTransport(fed, out, progress)
     engine = Engine(cfg, out, transport, resume=resume, server=fed.server)
     fed.round = engine.round
     return engine, fed, transport
@@ -192,7 +194,7 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = 
     from collafuse.measure.blocks import measure  # the disclosure and cost blocks (docs/metrics.md)
     from collafuse.measure.evaluate import client_evaluations
     out, wall = Path(out), time.perf_counter()
-    engine, fed, transport = start(cfg, out, resume=resume, capture=capture)
+    engine, fed, transport = start(cfg, out, resume=resume, capture=capture, progress=progress)
     engine.run_rounds(progress=progress)
     fed.round = engine.round
     transport.evaluations = client_evaluations(fed)

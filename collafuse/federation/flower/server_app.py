@@ -42,11 +42,16 @@ class FlowerTransport:
         replies: dict[int, list[bytes] | str] = {}
         for m in self.grid.send_and_receive(msgs, timeout=self.timeout):
             node = m.metadata.src_node_id
+            if m.has_error():
+                replies[node] = f"error {m.error.code}: {m.error.reason}"
+                continue
             try:
-                replies[node] = f"error {m.error.code}: {m.error.reason}" if m.has_error() else \
-                    [bytes(b) for b in m.content["wire"]["blobs"]]
-            except (KeyError, TypeError, ValueError) as e:  # a reply that is not a list of blobs at all
-                replies[node] = f"rejected: malformed reply ({e!r})"
+                blobs = list(m.content["wire"]["blobs"])
+            except (KeyError, TypeError, ValueError):  # a reply that is not a record of blobs at all
+                blobs = None
+            # Only bytes count (bytes(n) of a hostile int would allocate n bytes): the rest is malformed.
+            ok = blobs is not None and all(isinstance(b, bytes) for b in blobs)
+            replies[node] = blobs if ok else "rejected: malformed reply, not a list of byte strings"
         return replies
 
     def _greet(self) -> None:
