@@ -389,17 +389,43 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
     assert live_processes_with(tmp_path) == []
 
 
+def poison(data_folder: Path) -> None:
+    """Make a client's records 1e30 (finite): every handoff it sends is far beyond what the mechanism makes."""
+    path = data_folder / "data.safetensors"
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file({**tensors, "train_images": tensors["train_images"] * 1e30}, str(path), metadata=meta)
+
+
+@pytest.mark.slow
+def test_deployment_where_one_supernode_poisons_every_round(tmp_path):
+    cfg = load_config("smoke", ["rounds=2"])
+    data_root, client_root = tmp_path / "data", tmp_path / "clients"
+    prepare_data(cfg, data_root)
+    poison(data_root / "client-2")
+    with LocalFederation(tmp_path / "fed", insecure=True) as fed:
+        fed.start_superlink()
+        start_clients(fed, 3, data_root, client_root, None)
+        run = fed.run_app(REPO, run_config=app_run_config("smoke", [], tmp_path / "server", round_timeout=120),
+                          timeout=200)
+    assert run.completed
+    metrics = json.loads((tmp_path / "server" / "metrics.json").read_text())
+    assert [e["replied"] for e in metrics["participation"]["log"]] == [[0, 1], [0, 1]]
+    assert all("handoff_bound" in e["dropped"]["2"] for e in metrics["participation"]["log"])
+    assert sorted(metrics["clients"]) == ["0", "1"] and metrics["server"]["handoffs_held"] == 162 + 192
+    server = load_file(str(tmp_path / "server" / "checkpoint" / "server.safetensors"))
+    assert all(torch.isfinite(t).all() for t in server.values() if t.is_floating_point())
+    assert live_processes_with(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_simulation_with_ten_clients_one_of_them_poisoning(tmp_path):
     """Ten clients on Flower's simulation engine; client 9's records are 1e30: its handoffs are out of range."""
     cfg = load_config("smoke", ["data.clients=10"])
     data_root, client_root = tmp_path / "data", tmp_path / "clients"
     prepare_data(cfg, data_root)
-    poisoned = data_root / "client-9" / "data.safetensors"
-    tensors = load_file(str(poisoned))
-    with safe_open(str(poisoned), "pt") as f:
-        meta = f.metadata()
-    save_file({**tensors, "train_images": tensors["train_images"] * 1e30}, str(poisoned), metadata=meta)
+    poison(data_root / "client-9")
     with LocalFederation(tmp_path / "flower", insecure=True, simulation=True) as fed:
         fed.start_superlink()
         run = fed.run_app(REPO, run_config=app_run_config("smoke", ["data.clients=10"], tmp_path / "server",

@@ -90,6 +90,9 @@ def test_sample_command(smoke_run, tmp_path):
     (["run", "--resume"], "--resume needs --out"),
     (["run", "--resume", "-o", "/nonexistent/run"], "does not exist"),
     (["sample", "--run", "/nonexistent/run", "--client", "0"], "does not exist"),
+    (["ledger", "--client-state", "/nonexistent/state"], "must be a client's state folder"),
+    (["run", "-c", "smoke", "--set", "client.policy.max_views=0"], "client.policy: privacy policy max_views = 0"),
+    (["run", "-c", "smoke", "--set", "client.noise_secret=weak"], "pinned-for-tests makes the noise guessable"),
 ])
 def test_cli_errors_are_clear(args, message):
     result = invoke(*args)

@@ -112,7 +112,7 @@ class Client:
             raise PolicyViolation(f"the server asks for handoffs at level {req.level}, but this client runs levels "
                                   f"1..{self.t_c} (its cut); the run's cut must match on both sides")
         views = list(range(req.first_view, req.first_view + req.n_views))
-        if views and self.t_c < self.schedule.T:
+        if views and self.t_c < self.schedule.T:  # refuse before any training; make_handoffs plans again
             self.ledger.plan(self.digests, self.release(), views, self.policy)
         return views
 

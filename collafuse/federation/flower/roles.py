@@ -193,8 +193,8 @@ def place_from_configs(node_config: dict, run_config: dict) -> ClientPlace:
     raise ValueError("node config names no client: set client-id and data-path in --node-config")
 
 
-def open_client(cfg: Config, place: ClientPlace, run: str) -> Client:
-    """The client as it was after its last message of this run (or new), under its own policy and ledger."""
+def open_client(cfg: Config, place: ClientPlace, run: str) -> tuple[Client, "ClientData"]:
+    """The client as it was after its last message of this run (or new), under its own policy and ledger; its data."""
     folder = place.run_dir(run)
     saved_cfg = folder / "config.json"
     if saved_cfg.is_file() and not same_run(load_config(str(saved_cfg)), cfg):
@@ -212,13 +212,13 @@ def open_client(cfg: Config, place: ClientPlace, run: str) -> Client:
     else:
         folder.mkdir(parents=True, exist_ok=True)
         saved_cfg.write_text(json.dumps(cfg.to_dict(), indent=1))
-    return client
+    return client, data
 
 
 def client_round(cfg: Config, place: ClientPlace, blob: bytes) -> list[bytes]:
     """One training message: the round engine's client side, then the client's state saved before replying."""
     run = protocol.decode(blob, expect=RoundRequest).run  # which run's model state to continue
-    client = open_client(cfg, place, run)
+    client, _ = open_client(cfg, place, run)
     reply = serve_round(client, cfg, blob)
     save_state(place.run_dir(run) / "client", *client.state())
     return reply
@@ -227,7 +227,6 @@ def client_round(cfg: Config, place: ClientPlace, blob: bytes) -> list[bytes]:
 def client_samples(cfg: Config, place: ClientPlace, run: str, blob: bytes) -> list[bytes]:
     """Finish the server's handoffs; images stay in this client's run folder; numbers go back."""
     from collafuse.measure.evaluate import ClientEvaluation
-    client = open_client(cfg, place, run)
-    data = load_client_data(cfg, place.client_id, place.data_path)
+    client, data = open_client(cfg, place, run)
     evaluation = ClientEvaluation.from_folder(cfg.eval.extractor, place.data_path, data.test_images)
     return serve_samples(client, cfg, blob, evaluation, place.run_dir(run))
