@@ -127,7 +127,10 @@ def _build(cls, values: dict, prefix: str = ""):
         elif isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section that checks itself (client.policy): say which section
+        raise ValueError(f"{prefix[:-1]}: {e}" if prefix else str(e)) from None
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -81,7 +81,7 @@ def test_celeba_attribute_group_clients_conditioned_on_attributes(tmp_path):
     # CelebA has no classes: the evaluator's classifier tells the attribute-group clients apart.
     assert metrics["quality"]["domain_labels"] == "client"
     assert [m["n_train"] + m["n_test"] for m in metrics["clients"].values()] == [3, 5, 4, 4, 4]  # record 11 (hair + glasses) drew accessories
-    assert all(0 <= m["own_client_share"] <= 1 and m["classes"] is None for m in metrics["clients"].values())
+    assert all(0 <= m["own_client_share"] <= 1 and "classes" not in m for m in metrics["clients"].values())
 
 
 def test_awa2_class_clients_conditioned_on_class(tmp_path):
@@ -92,7 +92,10 @@ def test_awa2_class_clients_conditioned_on_class(tmp_path):
                                              "client.condition=class"])
     assert [sorted(set(c.labels.tolist())) for c in fed.clients] == [[0], [1], [2]]  # one animal class each
     assert all(c.model.num_labels == 3 for c in fed.clients)
-    assert [m["classes"] for m in metrics["clients"].values()] == [[0], [1], [2]]
+    # Each client's own class is its private label: measured on its side, never in the server's metrics.
+    from collafuse.measure.evaluate import client_evaluations
+    assert [e.own for e in client_evaluations(fed).values()] == [[0], [1], [2]]
+    assert all("classes" not in m and 0 <= m["own_class_share"] <= 1 for m in metrics["clients"].values())
 
 
 def test_image_folder_natural_ids_greyscale(tmp_path):

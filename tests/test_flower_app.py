@@ -350,8 +350,7 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
         assert sorted(metrics["flower"]["nodes"].values()) == [0, 1, 2]
         assert str(fed.wait_for_supernode(rogue)) not in metrics["flower"]["nodes"]
         assert "claims client 0, but its key speaks for client 1" in run.output
-        assert not (tmp_path / "rogue" / "ledger.jsonl").exists()
-        rogue.stop()
+        assert not (tmp_path / "rogue" / "ledger.jsonl").exists()  # it stays up: refused at every round's hello
         assert all(set(m) == CLIENT_KEYS for m in metrics["clients"].values())
         assert metrics["dp"]["epsilon"] > 0 and metrics["cost"] is not None
         for k in range(3):  # each client's images on that client's disk, and nowhere else
@@ -360,6 +359,17 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
         assert sorted(p.relative_to(clients).parts[0] for p in tmp_path.rglob("samples*")) == \
             ["client-0", "client-1", "client-2"]
         assert run.outbound_bytes + run.inbound_bytes > metrics["bytes_up"] + metrics["bytes_down"]
+
+        # A curious operator starts a new run that asks for the raw images (cut 0, and a client.policy saying
+        # so): every client refuses, and nothing more enters any client's ledger.
+        curious = tmp_path / "curious"
+        fed.run_app(REPO, run_config=config(curious, overrides=["cut=0", "client.policy.min_cut=0"], rounds=1,
+                                            round_timeout=60), timeout=120)
+        refused = json.loads((curious / "metrics.json").read_text())
+        assert sorted(refused["participation"]["log"][0]["refused"]) == ["0", "1", "2"]
+        assert refused["server"]["handoffs_held"] == 0
+        for k in range(3):
+            assert ReleaseLedger(clients / f"client-{k}" / "ledger.jsonl").summary(1e-5)["entries"] == 1
 
         # A third round on the restarted run; client 2 crashes while it works on it. The others finish.
         stop = threading.Event()
@@ -376,16 +386,6 @@ def test_deployment_tls_auth_three_clients_then_resume_with_one_killed_mid_round
         assert sorted(metrics["clients"]) == ["0", "1"] and metrics["participation"]["missing_clients"] == [2]
         assert metrics["server"]["handoffs_held"] == 480  # nothing the server held from client 2 is lost
 
-        # A curious operator starts a new run that asks for the raw images (cut 0, and a client.policy saying
-        # so): every client refuses, and nothing more enters any client's ledger.
-        curious = tmp_path / "curious"
-        fed.run_app(REPO, run_config=config(curious, overrides=["cut=0", "client.policy.min_cut=0"], rounds=1,
-                                            round_timeout=60), timeout=120)
-        metrics = json.loads((curious / "metrics.json").read_text())
-        assert sorted(metrics["participation"]["log"][0]["refused"]) == ["0", "1"]
-        assert metrics["server"]["handoffs_held"] == 0
-        for k in (0, 1):
-            assert ReleaseLedger(clients / f"client-{k}" / "ledger.jsonl").summary(1e-5)["entries"] == 1
     assert live_processes_with(tmp_path) == []
 
 

@@ -112,7 +112,7 @@ class Client:
             raise PolicyViolation(f"the server asks for handoffs at level {req.level}, but this client runs levels "
                                   f"1..{self.t_c} (its cut); the run's cut must match on both sides")
         views = list(range(req.first_view, req.first_view + req.n_views))
-        if views and self.t_c < self.schedule.T:  # refuse before any training; make_handoffs plans again
+        if views and self.t_c < self.schedule.T:  # refuse before any training
             self.ledger.plan(self.digests, self.release(), views, self.policy)
         return views
 
@@ -124,12 +124,13 @@ class Client:
         """
         try:
             views = self.check(req) if self.t_c < self.schedule.T else []
+            t0 = time.perf_counter()
+            loss = self.train(req.steps)
+            seconds = time.perf_counter() - t0
+            # planned again there: another process of this client may have released meanwhile
+            batches = self.make_handoffs(views, handoff_batch, run=req.run, round=req.round)
         except PolicyViolation as e:
             return [Refusal(client_id=self.id, reason=str(e))]
-        t0 = time.perf_counter()
-        loss = self.train(req.steps)
-        seconds = time.perf_counter() - t0
-        batches = self.make_handoffs(views, handoff_batch, run=req.run, round=req.round)
         numbers = {"n_train": self.num_records, "views_made": self.views_made, "steps_done": self.steps_done,
                    "train_seconds": seconds, **self.released()}
         if loss == loss:  # nan: no levels below the cut
