@@ -59,8 +59,8 @@ class FlowerTransport:
         new = [n for n in sorted(self.grid.get_node_ids()) if n not in self.client_of]
         if not new:
             return
-        keys = {info.node_id: key_fingerprint(info.public_key) if info.public_key else None
-                for info in self.grid.get_nodes()} if self.client_keys is not None else {}
+        keys = {info.node_id: _fingerprint(info.public_key) for info in self.grid.get_nodes()} \
+            if self.client_keys is not None else {}
         limits = Limits(known_clients=self.known)
         for node, reply in self._ask("query.hello", {n: {"run": self.run_id} for n in new}, "hello").items():
             try:
@@ -68,7 +68,7 @@ class FlowerTransport:
                     raise ProtocolError(f"no valid hello: {reply if isinstance(reply, str) else len(reply)}")
                 claimed = protocol.decode(reply[0], limits, expect=ClientReport).client_id
                 self.client_of[node] = bind_node(node, claimed, keys.get(node), self.client_keys, self.client_of)
-            except (ProtocolError, ValueError) as e:  # ValueError: a key that is no public key
+            except ProtocolError as e:
                 print(f"node {node} refused: {e}; asked again next round", flush=True)
 
     def clients(self) -> list[int]:
@@ -87,6 +87,14 @@ class FlowerTransport:
 
     def load(self, folder: Path) -> None:
         self.client_of = {int(n): c for n, c in json.loads((folder / "nodes.json").read_text()).items()}
+
+
+def _fingerprint(public_key: bytes) -> str | None:
+    """A node's key fingerprint; None for a node without a key, or with one that is no public key."""
+    try:
+        return key_fingerprint(public_key) if public_key else None
+    except ValueError:
+        return None
 
 
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
