@@ -10,6 +10,7 @@ import torch
 from collafuse.config import load_config
 from collafuse.core import protocol
 from collafuse.core.protocol import HandoffBatch, Refusal
+from collafuse.federation.engine import serve_round
 from collafuse.federation.inprocess import run, start
 
 FAST = ["rounds=2", "eval.disclosure=false", "eval.classifier_epochs=1"]
@@ -89,3 +90,25 @@ def test_the_noise_secret_is_the_clients_not_the_configs(tmp_path):
     assert handoffs[0].shape == handoffs[1].shape and not torch.allclose(handoffs[0], handoffs[1])
     with pytest.raises(ValueError, match="pinned-for-tests makes the noise guessable"):
         load_config("smoke", ["client.noise_secret=seed"])
+
+
+def test_a_client_declares_its_records_once_and_within_bounds(tmp_path):
+    """The record count bounds a client's store: missing, too large or changed later, the reply is rejected."""
+    engine, fed, _ = start(load_config("smoke", ["rounds=1", "server.max_records_per_client=170"]), tmp_path)
+    request = engine.request(0)
+    blobs = [protocol.decode(b) for b in serve_round(fed.clients[0], fed.cfg, protocol.encode(request))]
+
+    def reply(**metrics):
+        report = dataclasses.replace(blobs[0], metrics={**blobs[0].metrics, **metrics})
+        return [protocol.encode(m) for m in (report, *blobs[1:])]
+    without = dataclasses.replace(blobs[0], metrics={k: v for k, v in blobs[0].metrics.items() if k != "n_train"})
+    with pytest.raises(protocol.ProtocolError, match="ClientReport.n_train: missing"):
+        engine.take_round_reply(0, request, [protocol.encode(m) for m in (without, *blobs[1:])])
+    with pytest.raises(protocol.ProtocolError, match="n_train: 171 records exceed server.max_records_per_client"):
+        engine.take_round_reply(0, request, reply(n_train=171))
+    with pytest.raises(protocol.ProtocolError, match="record_ids: 161 out of range"):
+        engine.take_round_reply(0, request, reply(n_train=161))  # fewer than it sends
+    assert engine.server.num_handoffs() == 0
+    engine.take_round_reply(0, request, reply())  # 162, as it holds
+    with pytest.raises(protocol.ProtocolError, match="n_train: 170, but client 0 declared 162 records before"):
+        engine.take_round_reply(0, request, reply(n_train=170))
