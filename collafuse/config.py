@@ -103,6 +103,11 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the run's records, handoffs and samples."""
+        return self.data.channels, self.data.image_size, self.data.image_size
+
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -185,7 +190,6 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"client.condition {cfg.client.condition!r} is unknown; choose none, class or attributes")
     if cfg.handoff.mode not in ("once", "fresh"):
         raise ValueError(f"handoff.mode {cfg.handoff.mode!r} is unknown; choose once or fresh")
-    client_policy(cfg)  # raises on a policy no client could hold
     if cfg.client.noise_secret not in NOISE_SECRETS:
         raise ValueError(f"client.noise_secret {cfg.client.noise_secret!r} is unknown; choose "
                          f"{' or '.join(NOISE_SECRETS)} (pinned-for-tests makes the noise guessable)")
@@ -199,8 +203,3 @@ def validate(cfg: Config) -> None:
 
 
 NOISE_SECRETS = ("private", "pinned-for-tests")
-
-
-def client_policy(cfg: Config) -> PrivacyPolicy:
-    """The in-process clients' privacy policy, validated (Flower clients read their own, never the run's)."""
-    return PrivacyPolicy.from_mapping(dataclasses.asdict(cfg.client.policy), "client.policy")

@@ -97,7 +97,7 @@ def serve_samples(client: Client, cfg: Config, blob: bytes, evaluation, folder: 
 def make_server(cfg: Config, device: torch.device | None = None) -> Server:
     """The server as the run config describes it (it never sees data, so the config is all it needs)."""
     return Server.from_config(cfg, schedule=NoiseSchedule(cfg.schedule.T, cfg.schedule.kind),
-                              image_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+                              image_shape=cfg.image_shape,
                               device=device or device_auto())
 
 

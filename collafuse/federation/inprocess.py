@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from collafuse.config import Config, client_policy
+from collafuse.config import Config
 from collafuse.core.models import device_auto
 from collafuse.core.protocol import Limits
 from collafuse.core.schedule import NoiseSchedule
@@ -111,14 +111,13 @@ def build(cfg: Config, capture: bool = False, device: torch.device | None = None
     schedule = NoiseSchedule(cfg.schedule.T, cfg.schedule.kind)
     t_c = schedule.cut_level(cfg.cut)
     condition = client_condition(cfg, data)
-    policy = client_policy(cfg)
     clients = []
     for k, s in enumerate(splits):
         folder = None if state is None else state / f"client-{k}"
         clients.append(Client.from_config(
             cfg, k, data.images[s.train], data.labels[s.train], schedule=schedule,
             condition=None if condition is None else condition[s.train], num_classes=data.num_classes,
-            device=device, secret=client_secret(cfg, k, folder), policy=policy,
+            device=device, secret=client_secret(cfg, k, folder), policy=cfg.client.policy,
             ledger=ReleaseLedger(None if folder is None else folder / "ledger.jsonl")))
     server = Server.from_config(cfg, schedule=schedule, image_shape=tuple(data.images.shape[1:]), device=device)
     return Federation(cfg, schedule, t_c, data, splits, clients, server, Wire(capture))

@@ -44,10 +44,6 @@ def flower_config(run_config: dict) -> Config:
     return load_config(str(run_config.get("preset", "smoke")), overrides)
 
 
-def image_shape(cfg: Config) -> tuple[int, int, int]:
-    return cfg.data.channels, cfg.data.image_size, cfg.data.image_size
-
-
 def bind_node(node: int, claimed: int, fingerprint: str | None, client_keys: dict[str, int] | None,
               client_of: dict[int, int]) -> int:
     """The client a node may speak for, or ProtocolError naming why not (nothing of it is stored then).
@@ -131,9 +127,9 @@ def load_client_data(cfg: Config, client_id: int, data_path: str | Path) -> Clie
         raise ValueError(f"{path} holds client {meta.get('client_id')}'s data, but this node is client {client_id}; "
                          f"fix client-id or data-path in the node config")
     t = load_file(str(path))
-    if tuple(t["train_images"].shape[1:]) != image_shape(cfg):
+    if tuple(t["train_images"].shape[1:]) != cfg.image_shape:
         raise ValueError(f"{path}: images of shape {tuple(t['train_images'].shape[1:])}, but the run config wants "
-                         f"{image_shape(cfg)}; prepare the data with the run's preset and --set overrides")
+                         f"{cfg.image_shape}; prepare the data with the run's preset and --set overrides")
     return ClientData(t["train_images"], t["train_labels"], t["test_images"], t.get("train_condition"),
                       int(meta.get("num_classes", 0)))
 
