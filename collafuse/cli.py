@@ -47,16 +47,33 @@ def run(config: Optional[str] = typer.Option(None, "--config", "-c", help="Prese
         metrics, _ = run_federation(cfg, out, resume=resume, progress=not quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
+    _echo_run(out, metrics)
+
+
+def _echo_run(out: Path, metrics: dict) -> None:
+    from collafuse.measure.evaluate import quality_line
     typer.echo(f"run folder: {out}")
     for cid, m in metrics["clients"].items():
-        shares = [f"  {key.replace('_', '-')} {m[key]:.2f}" for key in ("own_class_share", "own_client_share")
-                  if m.get(key) is not None]
-        typer.echo(f"client {cid}: FID {m['fid']:.2f}  KID {m['kid_mean']:.4f}" + "".join(shares))
+        typer.echo(quality_line(cid, m))
     typer.echo(f"bytes up {metrics['bytes_up']:,}  down {metrics['bytes_down']:,}  "
                f"wall {metrics['wall_seconds']:.0f} s")
     for entry in metrics["participation"]["log"]:
         for cid, reason in entry["refused"].items():
             typer.echo(f"round {entry['round']}: client {cid} refused: {reason}")
+
+
+@app.command()
+def evaluate(run_dir: Path = typer.Option(..., "--run", help="A trained (or checkpointed) run folder."),
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+             threads: Optional[int] = THREADS):
+    """Sample and measure a trained run again from its checkpoint, without training; rewrites metrics.json."""
+    _threads(threads)
+    from collafuse.federation.inprocess import evaluate_run
+    try:
+        metrics, _ = evaluate_run(run_dir, progress=not quiet)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    _echo_run(run_dir, metrics)
 
 
 @app.command()
@@ -92,22 +109,50 @@ def sample(run_dir: Path = typer.Option(..., "--run", help="A finished or checkp
 
 
 @app.command()
+def export(run_dir: Path = typer.Option(..., "--run", help="A trained run folder (with checkpoint/)."),
+           part: str = typer.Option(..., "--part", help="server, client or split (both: only for a run that "
+                                    "legitimately holds both, e.g. in-process research runs)."),
+           client: Optional[int] = typer.Option(None, "--client", help="Which client (for client and split)."),
+           out: Path = typer.Option(..., "--out", help="New folder for the diffusers pipeline and model card."),
+           threads: Optional[int] = THREADS):
+    """Write one party's model as a diffusers pipeline folder (weights, scheduler, model card README.md)."""
+    _threads(threads)
+    from collafuse.export import export_run
+    try:
+        folder = export_run(run_dir, part, out, client)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    typer.echo(json.dumps({"path": str(folder), "part": part, "client": client, "bytes": size}))
+
+
+@app.command()
 def sweep(cuts: str = typer.Option("0,0.2,0.4,0.6,0.8,1", "--cuts", help="Comma-separated cut ratios in [0, 1]."),
           config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset (smoke, default) or a .toml/.json file."),
           set_: list[str] = typer.Option([], "--set", "-s", help="Override a key for every run, e.g. --set rounds=4."),
-          baselines: str = typer.Option("", "--baselines", help="Extra runs: fresh (handoff.mode=fresh at the config's cut), fedavg."),
+          baselines: str = typer.Option("", "--baselines", help="Extra runs: fresh, fedavg, local-4x, local-server, "
+                                        "local-server-4x (budget rules: docs/metrics.md)."),
+          seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: every run "
+                                              "once per seed; tables give mean ± sd (default: the config's seed)."),
+          jobs: int = typer.Option(1, "--jobs", "-j", help="Runs at a time, each in its own process."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Sweep folder (default runs/sweep-<preset>)."),
           resume: bool = typer.Option(False, "--resume", help="Continue unfinished runs; finished ones are always skipped."),
-          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
-    """One run per cut (and per baseline) on the same data and budget, then the report."""
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+          threads: Optional[int] = THREADS):
+    """One run per seed, cut and baseline on the same data and budget rules, then the report."""
+    _threads(threads)
     from collafuse.config import load_config
-    from collafuse.measure.sweep import parse_baselines, parse_cuts
+    from collafuse.measure.sweep import parse_baselines, parse_cuts, parse_seeds
     from collafuse.measure.sweep import sweep as run_sweep
     try:
+        if jobs < 1:
+            raise ValueError(f"--jobs {jobs}: give 1 or more runs at a time")
         cut_list, names = parse_cuts(cuts), parse_baselines(baselines)
+        seed_list = parse_seeds(seeds) if seeds is not None else None
         cfg = load_config(config, set_)
         out = out or Path("runs") / f"sweep-{Path(config or 'default').stem}"
-        run_sweep(cfg, cut_list, names, out, resume=resume, progress=not quiet)
+        run_sweep(cfg, cut_list, names, out, seeds=seed_list, resume=resume, progress=not quiet, jobs=jobs,
+                  threads=threads)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
     typer.echo(f"report: {out / 'report' / 'report.md'}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collafuse.core.models import ModelConfig
+from collafuse.core.recipe import LRSchedule, Objective
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.roles.policy import PrivacyPolicy
 
@@ -33,7 +34,32 @@ class ScheduleConfig:
 
 
 @dataclass
-class ServerConfig:
+class TrainingRecipe:
+    """How one side trains (server.* or client.*, each on its own process: the server's over the handoffs)."""
+
+    # epsilon | v: with v = sqrt(ᾱ)·e - sqrt(1-ᾱ)·x0 an error reaches the x0 estimate at most 1:1, where an error
+    # of e is amplified by sqrt((1-ᾱ)/ᾱ) at high noise (Salimans & Ho 2022). Sampling still gets e either way.
+    prediction: str = "epsilon"
+    # uniform | min-snr: min-SNR-γ (Hang et al. 2023) stops near-clean levels, whose noise target is unpredictable,
+    # from dominating the gradient (the server's SNR is its own: ᾱ' = ᾱ(t)/ᾱ(t_c), high just above the cut).
+    loss_weighting: str = "uniform"
+    min_snr_gamma: float = 5.0  # min-snr's cap γ on the SNR: 5 is the paper's choice
+    lr_warmup_steps: int = 0  # linear warm-up over these first steps: Adam's early moment estimates are noisy
+    # constant | cosine: cosine decays to 0 over this side's whole run (rounds x steps per round), so the last
+    # steps average out the gradient noise. Its horizon is cfg.rounds: a resume that adds rounds re-plans it.
+    lr_decay: str = "constant"
+
+    def objective(self) -> Objective:
+        """This side's prediction target and loss weighting."""
+        return Objective(self.prediction, self.loss_weighting, self.min_snr_gamma)
+
+    def lr_schedule(self, total_steps: int) -> LRSchedule:
+        """This side's lr factor per step over a run of total_steps optimiser steps."""
+        return LRSchedule(self.lr_warmup_steps, self.lr_decay, total_steps)
+
+
+@dataclass
+class ServerConfig(TrainingRecipe):
     model: ModelConfig = field(default_factory=ModelConfig)
     steps_per_round: int = 200
     batch_size: int = 64
@@ -45,9 +71,12 @@ class ServerConfig:
 
 
 @dataclass
-class ClientConfig:
+class ClientConfig(TrainingRecipe):
     model: ModelConfig = field(default_factory=lambda: ModelConfig(channels=(16, 32), attention=False))
-    steps_per_round: int = 100
+    # An integer, or "auto": the client's share of the levels, max(1, round(c * full_chain_steps)), so its
+    # training compute follows the cut (the paper's point: a client with a smaller c does less work).
+    steps_per_round: int | str = 100
+    full_chain_steps: int = 100  # with "auto": the steps per round of a client that runs the whole chain (c = 1)
     batch_size: int = 64
     lr: float = 1e-3
     condition: str = "none"  # none | class | attributes: the client's private labels, never sent
@@ -102,6 +131,12 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def client_steps(self) -> int:
+        """The client's training steps per round: client.steps_per_round, resolved when it is "auto"."""
+        steps = self.client.steps_per_round
+        return max(1, round(float(self.cut) * self.client.full_chain_steps)) if steps == "auto" else steps
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -193,13 +228,24 @@ def validate(cfg: Config) -> None:
     if cfg.client.noise_secret not in NOISE_SECRETS:
         raise ValueError(f"client.noise_secret {cfg.client.noise_secret!r} is unknown; choose "
                          f"{' or '.join(NOISE_SECRETS)} (pinned-for-tests makes the noise guessable)")
+    steps = cfg.client.steps_per_round
+    if steps != "auto" and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"client.steps_per_round must be an integer >= 1 or \"auto\" (steps follow the cut), "
+                         f"got {steps!r}")
     for key in ("rounds", "handoff.views", "handoff.batch", "data.clients", "server.batch_size",
-                "server.max_samples", "server.max_records_per_client",
-                "client.batch_size", "sampling.n", "eval.disclosure_records", "eval.mia_draws"):
+                "server.max_samples", "server.max_records_per_client", "server.steps_per_round",
+                "client.full_chain_steps", "client.batch_size", "sampling.n", "eval.disclosure_records",
+                "eval.mia_draws"):
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    for side, steps in (("server", cfg.server.steps_per_round), ("client", cfg.client_steps)):
+        recipe = getattr(cfg, side)
+        try:
+            recipe.objective(), recipe.lr_schedule(cfg.rounds * steps)
+        except ValueError as e:  # the recipe's message starts with the key: say which side
+            raise ValueError(f"{side}.{e}") from None
 
 
 NOISE_SECRETS = ("private", "pinned-for-tests")

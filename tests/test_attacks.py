@@ -6,18 +6,23 @@ import torch.nn as nn
 from sklearn.datasets import load_digits
 
 from collafuse.measure.attacks import (
+    GaussianPrior,
+    best_denoiser_level,
     chance_level,
+    denoiser_estimate,
     denoising_loss,
     distribution_disclosure,
+    handoff_lr_scores,
     kview_attack,
     kview_psnr_curve,
-    mia_metrics,
+    membership_metrics,
     mia_scores,
     psnr,
     reconstruct,
     reconstruction_quality,
     reidentification_rate,
     ssim,
+    tpr_at_fpr,
 )
 
 T = 100
@@ -55,8 +60,8 @@ class TinyDenoiser(nn.Module):
 
 @pytest.fixture(scope="module")
 def mia_split(digits):
-    """32 members, 200 evaluated non-members, 200 calibration non-members: disjoint, same distribution."""
-    return digits[:32], digits[32:232], digits[232:432]
+    """32 members and 200 non-members: disjoint, same distribution."""
+    return digits[:32], digits[32:232]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +81,7 @@ def overfit_model(mia_split):
 
 def mia(model, split):
     loss_fn = denoising_loss(model, ALPHA_BAR)
-    members, nonmembers, calibration = (mia_scores(x, loss_fn, levels=[5, 10, 20, 40], draws=4, seed=3) for x in split)
-    return mia_metrics(members, nonmembers, calibration_nonmember_scores=calibration)
+    return membership_metrics(*(mia_scores(x, loss_fn, levels=[5, 10, 20, 40], draws=4, seed=3) for x in split))
 
 
 # --- per-record quality measures
@@ -167,7 +171,8 @@ def test_mia_detects_an_overfit_model(overfit_model, mia_split):
     result = mia(overfit_model, mia_split)
     assert result["auc"] > 0.9  # measured 0.99
     assert result["tpr_at_1pct_fpr"] > 0.5  # measured 0.94
-    assert result["calibration_nonmembers"] == 200 and result["members"] == 32
+    assert result["members"] == 32 and result["nonmembers"] == 200
+    assert result["tpr_at_0.1pct_fpr"] is None and "1000 non-members" in result["note"]  # 200 cannot show 0.1%
 
 
 def test_mia_near_chance_on_an_untrained_model(mia_split):
@@ -176,16 +181,69 @@ def test_mia_near_chance_on_an_untrained_model(mia_split):
     assert result["tpr_at_1pct_fpr"] < 0.1
 
 
-def test_mia_threshold_comes_from_calibration_only():
-    calibration = torch.arange(100, dtype=torch.float64)  # 1% above the threshold: only 99
-    members, nonmembers = torch.tensor([98.5, 99.5, 200.0]), torch.tensor([0.0, 99.5])
-    result = mia_metrics(members, nonmembers, calibration_nonmember_scores=calibration)
-    assert result["threshold"] == 98.0
-    assert result["tpr_at_1pct_fpr"] == 1.0 and result["fpr_at_threshold"] == 0.5
-    assert result["auc"] == pytest.approx(4.5 / 6)  # pairs won: 4 of 6, one tie
-    # the evaluated non-members do not move the threshold
-    other = mia_metrics(members, nonmembers + 1000, calibration_nonmember_scores=calibration)
-    assert other["threshold"] == 98.0
+def test_tpr_at_fpr_by_hand():
+    nonmembers = torch.arange(100, dtype=torch.float64)  # scores 0..99: one of them (99) above 98
+    members = torch.tensor([98.5, 99.5, 200.0, 50.0])
+    assert tpr_at_fpr(members, nonmembers, 0.01) == 0.75  # threshold 98: at most 1 non-member above it
+    assert tpr_at_fpr(members, nonmembers, 0.001) is None  # 100 non-members cannot show a 0.1% FPR
+    assert tpr_at_fpr(members, torch.arange(1000.0), 0.001) == 0.0  # threshold 998: no member above it
+    result = membership_metrics(members, nonmembers)
+    assert result["auc"] == pytest.approx((99 + 100 + 100 + 50.5) / 400)  # pairs won, a tie counting half
+    with pytest.raises(ValueError, match="at least one member"):
+        membership_metrics(torch.ones(0), torch.ones(3))
+
+
+def test_handoff_likelihood_ratio_knows_members_at_raw_data_and_nobody_at_pure_noise(digits):
+    members, nonmembers, reference = digits[:300], digits[300:600], digits[600:1200]
+    auc = {}
+    for t_c in (0, 20, T):
+        store = handoffs(members, t_c, seed=1)  # no model: the server's store alone
+        scores = [handoff_lr_scores(x, store, reference, t_c, ALPHA_BAR) for x in (members, nonmembers)]
+        auc[t_c] = membership_metrics(*scores)["auc"]
+    # measured 0.973 (raw records: each member has its exact copy), 0.849 (alpha_bar 0.67), 0.532 (pure noise)
+    assert auc[0] > 0.95 and 0.75 < auc[20] < auc[0] and abs(auc[T] - 0.5) < 0.06
+    chunked = handoff_lr_scores(members[:50], handoffs(members, 20, seed=1), reference, 20, ALPHA_BAR, chunk=7)
+    assert torch.allclose(chunked, handoff_lr_scores(members[:50], handoffs(members, 20, seed=1), reference, 20,
+                                                     ALPHA_BAR))
+
+
+def test_linear_mmse_is_the_posterior_mean_and_beats_the_trivial_attacks(digits):
+    reference, members, t_c = digits[:1000], digits[1000:1200], 40
+    prior = GaussianPrior(reference)
+    y = handoffs(members, t_c, seed=2)
+    ab = float(ALPHA_BAR[t_c])
+    # the formula, done directly: mu + sqrt(ab) S (ab S + (1 - ab) I)^-1 (y - sqrt(ab) mu)
+    cov = prior.eigenvectors @ torch.diag(prior.eigenvalues) @ prior.eigenvectors.T
+    gain = math.sqrt(ab) * cov @ torch.linalg.inv(ab * cov + (1 - ab) * torch.eye(64, dtype=torch.float64))
+    direct = prior.mean + (y.flatten(1).double() - math.sqrt(ab) * prior.mean) @ gain.T
+    assert torch.allclose(prior.posterior_mean(y, t_c, ALPHA_BAR), direct.float().view_as(y).clamp(-1, 1), atol=1e-5)
+    quality = {name: psnr(x_hat, members).mean().item() for name, x_hat in (
+        ("mean_image", prior.mean_image(len(members))), ("scaled", reconstruct(y, t_c, ALPHA_BAR)),
+        ("mmse", prior.posterior_mean(y, t_c, ALPHA_BAR)))}
+    # measured 11.5 dB (mean image), 6.2 dB (scaled: below the mean image), 12.7 dB (MMSE); at t_c = 20: 16.1 dB
+    assert quality["scaled"] < quality["mean_image"] < quality["mmse"] - 1.0
+    assert torch.equal(prior.posterior_mean(members, 0, ALPHA_BAR), members)  # c = 0: the handoff is the record
+
+
+def test_denoiser_level_is_chosen_on_public_images(digits):
+    reference, members, t_c = digits[:500], digits[500:600], 20
+    # the Gaussian prior's exact full-chain noise prediction, but badly off right above the cut (as a server's
+    # scaled-up prediction is there): the best level is the lowest well-conditioned one
+    prior = GaussianPrior(reference)
+
+    def eps_fn(x_t, t):
+        ab = float(ALPHA_BAR[int(t[0])])
+        x0 = prior.posterior_mean(x_t, int(t[0]), ALPHA_BAR)
+        exact = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+        return exact + (3.0 if int(t[0]) <= 22 else 0.0)
+    level, tried = best_denoiser_level(reference, t_c, [21, 25, 30, 40], ALPHA_BAR, eps_fn, torch.Generator().manual_seed(0))
+    assert [r["level"] for r in tried] == [21, 25, 30, 40] and level == max(tried, key=lambda r: r["psnr"])["level"]
+    assert level == 25  # measured PSNR falls with the level above 25: each level adds noise the estimate cannot undo
+    y = handoffs(members, t_c, seed=3)
+    est = denoiser_estimate(y, t_c, level, ALPHA_BAR, eps_fn, torch.randn(y.shape, generator=torch.Generator().manual_seed(4)))
+    assert psnr(est, members).mean() > psnr(reconstruct(y, t_c, ALPHA_BAR), members).mean()
+    with pytest.raises(ValueError, match="above the cut"):
+        denoiser_estimate(y, t_c, t_c, ALPHA_BAR, eps_fn, y)
 
 
 def test_mia_scores_are_seeded_and_need_levels(mia_split):
@@ -277,7 +335,11 @@ def test_errors(digits):
         kview_attack(x, 10, ALPHA_BAR)
     with pytest.raises(ValueError, match="views held"):
         kview_psnr_curve(x[None], x, 10, ALPHA_BAR, ks=[2])
-    with pytest.raises(ValueError, match="calibration"):
-        mia_metrics(torch.ones(3), torch.ones(3), calibration_nonmember_scores=torch.ones(99))
-    with pytest.raises(ValueError, match="at least one member"):
-        mia_metrics(torch.ones(0), torch.ones(3), calibration_nonmember_scores=torch.ones(100))
+    with pytest.raises(ValueError, match="one shape"):
+        handoff_lr_scores(x, x.flatten(1), x, 10, ALPHA_BAR)
+    with pytest.raises(ValueError, match="one reference image"):
+        handoff_lr_scores(x, x, x[:0], 10, ALPHA_BAR)
+    with pytest.raises(ValueError, match=">= 2 images"):
+        GaussianPrior(x[:1])
+    with pytest.raises(ValueError, match="differ from the prior"):
+        GaussianPrior(x).posterior_mean(torch.zeros(2, 1, 4, 4), 10, ALPHA_BAR)

@@ -30,6 +30,8 @@ from collafuse.roles.policy import ReleaseLedger
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_KEYS = {"fid", "kid_mean", "kid_std", "kid_subset_size", "n_samples", "n_reference", "own_class_share",
+               "fid_noise", "kid_noise", "fid_ceiling", "kid_ceiling", "fid_score", "kid_score",
+               "own_class_share_noise", "failed", "quality_note",
                "n_train", "n_test", "records_released", "views_released", "epsilon", "delta", "bytes_up",
                "bytes_down", "train_seconds", "sample_seconds", "params"}
 
@@ -87,7 +89,8 @@ def test_glue_trains_samples_and_reports_like_the_in_process_run(smoke_data, tmp
         assert set(ours) == set(theirs) == CLIENT_KEYS  # the same metrics block, written once by the engine
         # Same messages: the same bytes each way (up to the digits of the reports' timings); the same ledger.
         for key in ("n_train", "n_test", "params", "n_samples", "bytes_down", "records_released",
-                    "views_released", "epsilon"):
+                    "views_released", "epsilon",
+                    "fid_noise", "kid_noise", "fid_ceiling", "kid_ceiling"):  # the same floor and ceiling images
             assert ours[key] == theirs[key], (cid, key)
         assert abs(ours["bytes_up"] - theirs["bytes_up"]) <= 3 * 8
         assert ours["bytes_down"] == 8416 + 2 * 280  # 32 handoffs of 1x8x8 float32 + header; 2 RoundRequests

@@ -6,7 +6,6 @@ import torch
 
 from collafuse.config import load_config
 from collafuse.federation.inprocess import run
-from collafuse.measure.blocks import _mia
 from collafuse.measure.cost import client_step_flops
 from collafuse.roles.privacy import handoff_epsilon
 
@@ -26,15 +25,25 @@ def test_blocks_present_with_sane_values(runs):
     m, fed = runs[0.5]
     d = m["disclosure"]
     assert d["server_sees"] == "handoffs" and d["cut_level"] == 50
-    assert d["members"] == 120 and d["nonmembers"] == 80  # members: 40 per client; non-members: capped by the held-out splits
+    # members: 40 per client; each client's held-out records split in two: reference images and non-members
+    held_out = sum(len(s.test) for s in fed.splits)
+    assert d["members"] == 120 and d["reference"] + d["nonmembers"] == held_out == 80
+    assert d["reference"] == sum(len(s.test) // 2 for s in fed.splits)
     reid = d["reidentification"]
     assert reid["pool"] == d["members"] + d["nonmembers"] and reid["chance"] == pytest.approx(1 / reid["pool"])
-    assert 0.0 <= reid["members"] <= 1.0 and 0.0 <= reid["nonmembers"] <= 1.0
-    for key in ("mia_server", "mia_pipeline"):
-        assert 0.0 <= d[key]["auc"] <= 1.0
     assert set(d["distribution"]) == {"members", "nonmembers", "extractor"}
-    assert d["reconstruction"]["members"]["psnr"] == max(d["reconstruction"]["members"]["psnr_scaled"],
-                                                          d["reconstruction"]["members"]["psnr_denoiser"])
+    # each family's summary is its strongest attack
+    attacks = {k: d[k]["auc"] for k in ("mia_handoff_lr", "mia_server", "mia_pipeline")}
+    assert d["membership"]["best"] == max(attacks, key=attacks.get)
+    assert d["membership"]["auc"] == max(attacks.values())
+    assert d["mia_handoff_lr"]["handoffs"] == fed.server.num_handoffs() == sum(c.num_records for c in fed.clients)
+    recon = d["reconstruction"]
+    assert set(recon["attacks"]) == {"mean_image", "scaled", "mmse", "server_denoiser"}
+    assert recon["psnr"] == max(a["psnr"] for a in recon["attacks"].values())
+    assert recon["attacks"]["mean_image"]["gain_db"] == 0.0
+    for a in recon["attacks"].values():
+        assert a["gain_db"] == pytest.approx(a["psnr"] - recon["attacks"]["mean_image"]["psnr"])
+    assert all(50 < level <= 100 for level in recon["denoiser_levels"].values())  # a server level, above t_c
     assert [p["k"] for p in d["kview"]["held"]] == [1]  # once, views=1: the server holds one view per record
     cost = m["cost"]  # each client counts its own compute and reports it; the server counts its own
     per_step = {c.id: client_step_flops(c, 8) for c in fed.clients}
@@ -55,7 +64,9 @@ def test_blocks_present_with_sane_values(runs):
 def test_raw_data_at_c0_is_fully_reidentified(runs):
     d = runs[0.0][0]["disclosure"]
     assert d["reidentification"]["members"] == 1.0 and d["reidentification"]["nonmembers"] == 1.0
-    assert d["reconstruction"]["members"]["psnr"] is None  # exact recovery: infinite PSNR
+    assert d["reconstruction"]["psnr"] is None and d["reconstruction"]["best"] == "scaled"  # exact: infinite PSNR
+    # the raw records are in the store: measured 0.79 against 39 reference images (0.97 against 600: test_attacks)
+    assert d["mia_handoff_lr"]["auc"] > 0.7
     assert runs[0.0][0]["dp"]["epsilon"] is None  # unbounded: the raw record leaves the client
 
 
@@ -64,7 +75,8 @@ def test_local_only_discloses_nothing_to_the_server(runs):
     d = m["disclosure"]
     assert d["server_sees"] == "nothing"
     assert d["reidentification"] is None and d["mia_server"] is None and d["kview"] is None
-    assert 0.0 <= d["mia_pipeline"]["auc"] <= 1.0  # the clients' own models can still be attacked
+    assert d["mia_handoff_lr"] is None and d["reconstruction"] is None
+    assert d["membership"]["best"] == "mia_pipeline"  # the clients' own models can still be attacked
     assert m["dp"]["views"] == 0 and m["dp"]["epsilon"] == 0.0
     assert m["cost"]["server"]["train_flops"] == 0 and fed.server.num_handoffs() == 0
 
@@ -75,24 +87,6 @@ def test_dp_follows_the_clients_clip_norm(tmp_path):
     assert all(c.clip_norm == 2.0 for c in fed.clients)
     assert m["dp"]["epsilon"] == pytest.approx(handoff_epsilon(m["dp"]["alpha_bar_cut"], clip_norm=2.0, views=1,
                                                                delta=1e-5))
-
-
-def test_mia_threshold_is_set_on_calibration_nonmembers_only():
-    members = torch.linspace(0, 1, 50)
-    nonmembers = torch.linspace(-1, 0.5, 300)
-    base = _mia(members, nonmembers, torch.Generator().manual_seed(0))
-    perm = torch.randperm(300, generator=torch.Generator().manual_seed(0))
-    shifted = nonmembers.clone()
-    shifted[perm[150:]] += 1000.0  # the evaluated half: its values must not move the threshold
-    moved = _mia(members, shifted, torch.Generator().manual_seed(0))
-    assert base["calibration_nonmembers"] == moved["calibration_nonmembers"] == 150
-    assert moved["threshold"] == base["threshold"]
-    assert moved["fpr_at_threshold"] == 1.0 and moved["auc"] == 0.0
-
-
-def test_mia_without_enough_calibration_reports_auc_only():
-    out = _mia(torch.ones(10), torch.zeros(20), torch.Generator().manual_seed(0))
-    assert out["auc"] == 1.0 and out["tpr_at_1pct_fpr"] is None and "calibration" in out["note"]
 
 
 def test_disclosure_off_leaves_block_empty(tmp_path):

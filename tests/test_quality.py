@@ -14,8 +14,9 @@ from torch import nn
 
 from collafuse.measure.inception import (INCEPTION_SHA256, WeightsDownloadError, _tf_resize, cache_root, fetch_inception,
                                  inception_path)
+from collafuse.measure.evaluate import ClientEvaluation, quality_line, quality_verdict
 from collafuse.measure.quality import (DomainClassifier, evaluate_quality, feature_extractor, own_class_share,
-                               train_domain_classifier)
+                               pure_noise, train_domain_classifier)
 
 
 class Pool4(nn.Module):
@@ -115,6 +116,60 @@ def test_kid_subsets_are_seeded_and_leave_global_rng_alone(digits8):
     assert r1 == r2 and r1["kid_mean"] != r3["kid_mean"] and r1["kid_std"] > 0
     assert r1["kid_subset_size"] == 30 and r1["fid"] == r3["fid"]
     assert evaluate_quality(x[:80], x[80:150], extractor=Pool4())["kid_subset_size"] == 70
+
+
+def test_floor_and_ceiling_pinned_on_fixed_features(digits8):
+    x, _ = digits8
+    half = torch.cat([x[:25], pure_noise(x[:25], seed=3)])  # samples: 25 digits and 25 noise images
+    r = evaluate_quality(half, x[50:100], extractor=Pool4(), real=x[100:400])
+    # Pool4 features of the 8x8 digits against 50 reference digits: 50 clamped-Gaussian noise images (seed 0)
+    # are the floor, 50 digits drawn (seed 0) from the 300 real ones the ceiling; half noise lies between.
+    assert r["fid_noise"] == pytest.approx(7.616301, abs=1e-5) and r["kid_noise"] == pytest.approx(1.772139, abs=1e-5)
+    assert r["fid_ceiling"] == pytest.approx(0.490349, abs=1e-5)
+    assert r["kid_ceiling"] == pytest.approx(0.023206, abs=1e-5)
+    assert r["kid_score"] == pytest.approx((r["kid_noise"] - r["kid_mean"]) / (r["kid_noise"] - r["kid_ceiling"]))
+    assert r["kid_score"] == pytest.approx(0.766277, abs=1e-5) and r["fid_score"] == pytest.approx(0.565884, abs=1e-5)
+    # Real digits beat the drawn ceiling here: the score is clipped to 1; the noise is seeded.
+    real = evaluate_quality(x[:50], x[50:100], extractor=Pool4(), real=x[100:400], seed=1)
+    assert real["kid_score"] == real["fid_score"] == 1.0 and real["kid_noise"] != r["kid_noise"]
+    noise = pure_noise(x[:50], seed=0)
+    assert noise.shape == (50, 1, 8, 8) and noise.min() == -1 and noise.max() == 1
+    assert "fid_ceiling" not in evaluate_quality(x[:50], x[50:100], extractor=Pool4(), real=x[100:101])
+
+
+def test_noise_fails_and_real_images_pass(mnist16, classifier):
+    x, y = mnist16
+    own = x[3000:][y[3000:] <= 1]  # a client of digits 0 and 1, measured on unseen MNIST digits
+    evaluation = ClientEvaluation(own[:100], own[100:200], feature_extractor("domain", classifier=classifier),
+                                  classifier, [0, 1], "class")
+    real = quality_verdict(evaluation.measure(own[200:264]))
+    noise = quality_verdict(evaluation.measure(pure_noise(own[:64], seed=7)))
+    assert real["kid_score"] > 0.95 and real["fid_score"] > 0.9 and real["failed"] is False
+    assert real["quality_note"] is None
+    # ~0: another draw of 64 noise images lies within sampling error of the floor (KID scores 0 to 0.07 over draws)
+    assert noise["kid_score"] < 0.1 and noise["fid_score"] < 0.05 and noise["failed"] is True
+    assert noise["quality_note"].startswith("samples are indistinguishable from noise (KID score 0.0")
+    assert quality_line(3, noise) == f"client 3: {noise['quality_note']}"
+    assert quality_line(3, real).startswith(f"client 3: FID {real['fid']:.2f}  KID {real['kid_mean']:.4f} (score")
+
+
+def test_too_few_held_out_images_give_null_with_the_reason(mnist16, classifier):
+    x, y = mnist16
+    own = x[3000:][y[3000:] <= 1]
+    one = ClientEvaluation(own[:1], own[1:100], feature_extractor("domain", classifier=classifier), classifier,
+                           [0, 1], "class")
+    numbers = one.measure(own[200:232])
+    assert "fid" not in numbers and numbers["n_test"] == 1 and numbers["own_class_share"] > 0.95
+    entry = {**numbers, "n_train": 99}
+    m = {**entry, **quality_verdict(entry)}  # as metrics.json holds it
+    assert m["fid"] is None and m["kid_mean"] is None and m["kid_score"] is None and m["failed"] is False
+    assert m["quality_note"] == ("1 held-out image: FID/KID need >= 2; raise data.max_records or "
+                                 "data.test_fraction")
+    assert quality_line(0, m).startswith("client 0: FID –  KID –  own-class-share 1.00")
+    # No FID/KID to go by: the classifier's share against pure noise's decides, unless noise is already 'own'.
+    noisy = quality_verdict({"n_test": 1, "own_class_share": 0.05, "own_class_share_noise": 0.0})
+    assert noisy["failed"] is True and "own class share 0.05, pure noise 0.00" in noisy["quality_note"]
+    assert quality_verdict({"n_test": 1, "own_class_share": 0.5, "own_class_share_noise": 1.0})["failed"] is None
 
 
 def test_classifier_cache_hit_and_determinism(digits8, tmp_path):

@@ -49,8 +49,9 @@ def test_smoke_run_pinned_numbers(smoke_run):
 
 
 # Seeded smoke run on 1 thread (tests/conftest.py); thread counts move only the last digits. The handoff noise
-# is the PRF of the smoke preset's pinned test secret; bytes down include each round's RoundRequest (280 bytes).
-PINNED = {"server_loss_round1": 0.510273, "client0_loss_round1": 0.994063, "bytes_up": 136688,
+# is the PRF of the smoke preset's pinned test secret; bytes down include each round's RoundRequest (280 bytes);
+# bytes up include each client's sampling report with its quality floor and ceiling.
+PINNED = {"server_loss_round1": 0.510273, "client0_loss_round1": 0.994063, "bytes_up": 137440,
           "bytes_down": 26928, "n_train": [162, 192, 126], "fid": [1.0277, 1.6709, 1.9660]}
 
 
@@ -85,6 +86,53 @@ def test_sample_command(smoke_run, tmp_path):
     assert bad.exit_code == 2 and "--client 9 does not exist; this run has clients 0..2" in bad.output
 
 
+# A tiny run whose client 1 holds out one image (6 + 1 of 40 digits, Dirichlet over 4 clients).
+TINY = ["rounds=1", "server.steps_per_round=2", "client.steps_per_round=2", "sampling.n=8", "sampling.server_steps=2",
+        "sampling.client_steps=2", "eval.classifier_epochs=1", "eval.disclosure=false", "data.max_records=40",
+        "data.clients=4"]
+
+
+def test_a_client_too_small_to_measure_and_evaluate_again(tmp_path):
+    out = tmp_path / "tiny"
+    with pytest.warns(UserWarning, match="client 1 holds out 1 of its 7 records"):
+        result = invoke("run", "-c", "smoke", *(a for o in TINY for a in ("--set", o)), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    first = json.loads((out / "metrics.json").read_text())
+    one = first["clients"]["1"]
+    assert one["n_test"] == 1 and one["fid"] is None and one["kid_mean"] is None and one["kid_score"] is None
+    # Two training steps make noise: with no FID/KID, the classifier's share against pure noise's says so.
+    assert one["failed"] is True and one["own_class_share"] == 0.0
+    assert one["own_class_share_noise"] == 0.125  # the classifier puts 1 of 8 noise images in client 1's classes
+    note = "1 held-out image: FID/KID need >= 2; raise data.max_records or data.test_fraction"
+    assert one["quality_note"] == ("samples are indistinguishable from noise (own class share 0.00, pure noise "
+                                   f"0.12); {note}")
+    assert f"client 1: {one['quality_note']}" in result.output.splitlines()
+    assert all(first["clients"][c]["fid_score"] is not None for c in "023")
+    # Only the evaluation again, from the checkpoint: the same samples, so the same numbers.
+    with pytest.warns(UserWarning, match="client 1 holds out 1 of its 7 records"):
+        again = invoke("evaluate", "--run", str(out), "-q")
+    assert again.exit_code == 0, again.output
+    assert again.output.splitlines()[1:5] == result.output.splitlines()[1:5]  # the clients' lines
+    second = json.loads((out / "metrics.json").read_text())
+    for cid, m in first["clients"].items():
+        for key in ("fid", "kid_mean", "kid_noise", "kid_ceiling", "kid_score", "fid_score", "own_class_share",
+                    "own_class_share_noise", "failed", "quality_note", "train_seconds"):
+            assert second["clients"][cid][key] == m[key], (cid, key)
+    assert [json.loads(line)["round"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+    report = invoke("report", str(out), "--out", str(tmp_path / "report"))  # a null KID is a gap, not an error
+    assert report.exit_code == 0, report.output
+    row = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+               if line.startswith("| tiny | ") and line.endswith("(0, 1, 2, 3) |"))
+    assert row.split(" | ")[2] == "–"  # client 1's KID
+
+
+def test_evaluate_names_what_it_cannot_evaluate(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "progress.json").write_text('{"round": 1}')  # what a FedAvg baseline leaves
+    result = invoke("evaluate", "--run", str(tmp_path))
+    assert result.exit_code == 2 and "holds a FedAvg baseline, which is measured as it finishes" in result.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["run", "-c", "nope"], "unknown preset 'nope'"),
     (["run", "-c", "smoke", "--set", "cut=2"], "cut must be in [0, 1]"),
@@ -92,6 +140,7 @@ def test_sample_command(smoke_run, tmp_path):
     (["run", "--resume"], "--resume needs --out"),
     (["run", "--resume", "-o", "/nonexistent/run"], "does not exist"),
     (["sample", "--run", "/nonexistent/run", "--client", "0"], "does not exist"),
+    (["evaluate", "--run", "/nonexistent/run"], "has no checkpoint to evaluate; train the run first"),
     (["ledger", "--client-state", "/nonexistent/state"], "must be a client's state folder"),
     (["run", "-c", "smoke", "--set", "client.policy.max_views=0"], "client.policy: privacy policy max_views = 0"),
     (["run", "-c", "smoke", "--set", "client.noise_secret=weak"], "pinned-for-tests makes the noise guessable"),

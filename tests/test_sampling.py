@@ -34,27 +34,54 @@ def test_level_grid_errors():
         eta_of("euler")
 
 
+@pytest.fixture(scope="module")
+def trained():
+    """Smoke federations at four cuts, the client trained a few steps (its EMA weights are not its initial ones)."""
+    from collafuse.config import load_config
+    from collafuse.federation.inprocess import build
+    feds = {}
+    for c in (0.0, 0.2, 0.5, 1.0):
+        fed = build(load_config("smoke", [f"cut={c}", "data.max_records=200"]), device=torch.device("cpu"))
+        fed.clients[0].train(3)
+        feds[c] = fed
+    return feds
+
+
+def _piecewise_chain(fed, client, x_T, server_levels, client_levels, eta, server_gen, client_gen):
+    """The whole chain in one loop with the piecewise model: the server's above the cut, the client's at or below.
+
+    The DDPM noise of a level above the cut comes from the server's stream, below it from the client's:
+    each side draws its own, the split changes nothing else.
+    """
+    s, t_c = fed.schedule, fed.cut_level
+    server_fn, client_fn = fed.server.eps_fn(client.id), client.eps_fn(None)
+    x = x_T
+    with torch.no_grad():
+        for t, lower in zip(server_levels[:-1] + client_levels[:-1], server_levels[1:] + client_levels[1:]):
+            level = torch.full((x.shape[0],), t)
+            fn, gen = (server_fn, server_gen) if t > t_c else (client_fn, client_gen)
+            x = step(s, x, fn(x, level), t, lower, eta, gen)
+    return x.clamp(-1, 1)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("c", [0.0, 0.2, 0.5, 1.0])
-@pytest.mark.parametrize("server_steps,client_steps", [(7, 3), (40, 10), (2, 1)])
-def test_split_sampling_equals_the_unsplit_chain(model, sampler, c, server_steps, client_steps):
-    s = NoiseSchedule(T)
-    t_c = s.cut_level(c)
-    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    server_levels, client_levels = level_grid(T, t_c, server_steps), level_grid(t_c, 0, client_steps)
-    eta = eta_of(sampler)
-
-    g = torch.Generator().manual_seed(11)  # one random stream for both sides
-    handoff = sample_levels(eps_fn_of(model), x_T, server_levels, s, eta, g)
-    split = sample_levels(eps_fn_of(model), handoff, client_levels, s, eta, g)
-
-    g = torch.Generator().manual_seed(11)
-    whole = sample_levels(eps_fn_of(model), x_T, server_levels + client_levels[1:], s, eta, g)
-    if sampler == "ddpm":
-        assert torch.equal(split, whole)
-    else:
-        assert (split - whole).abs().max() < 1e-5
-    assert server_levels[-1] == t_c == client_levels[0]  # the handoff sits exactly at the cut
+@pytest.mark.parametrize("server_steps,client_steps", [(7, 3), (2, 1)])
+def test_split_sampling_through_the_wire_equals_one_piecewise_chain(trained, sampler, c, server_steps,
+                                                                   client_steps):
+    """Server.sample_to_cut, the encoded handoffs on the wire, Client.finish: the same as one chain."""
+    from collafuse.measure.evaluate import split_sample
+    fed = trained[c]
+    client = fed.clients[0]
+    split = split_sample(fed, client, 4, server_steps=server_steps, client_steps=client_steps, sampler=sampler,
+                         seed=5)
+    server_levels = level_grid(fed.schedule.T, fed.cut_level, server_steps)
+    client_levels = level_grid(fed.cut_level, 0, client_steps)
+    server_gen = torch.Generator().manual_seed(5)  # split_sample: the request's seed, then seed + 1 for the client
+    x_T = torch.randn((4, *fed.cfg.image_shape), generator=server_gen)
+    whole = _piecewise_chain(fed, client, x_T, server_levels, client_levels, eta_of(sampler), server_gen,
+                             torch.Generator().manual_seed(6))
+    assert torch.equal(split, whole)
 
 
 def test_no_clipping_at_the_handoff(model):

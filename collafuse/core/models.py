@@ -19,8 +19,10 @@ class ModelConfig:
     norm_groups: int = 8  # 8 suits tiny widths; every channel count must divide by it
 
 
-def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    """One optimiser step on `loss`; returns its value."""
+def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> float:
+    """One optimiser step on `loss` at learning rate `lr`; returns the loss value."""
+    for group in opt.param_groups:
+        group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

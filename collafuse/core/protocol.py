@@ -117,7 +117,10 @@ REPORT_KEYS: dict[str, type] = {
     **dict.fromkeys(("n_train", "n_test", "views_made", "steps_done", "n_samples", "n_reference", "kid_subset_size",
                      "params", "records_released", "views_released"), int),
     **dict.fromkeys(("loss", "train_seconds", "sample_seconds", "fid", "kid_mean", "kid_std", "own_class_share",
-                     "own_client_share", "epsilon", "delta", "train_flops", "sample_flops"), float),
+                     "own_client_share", "epsilon", "delta", "train_flops", "sample_flops",
+                     # the same quality numbers for pure noise (floor) and the client's real images (ceiling)
+                     "fid_noise", "kid_noise", "fid_ceiling", "kid_ceiling", "fid_score", "kid_score",
+                     "own_class_share_noise", "own_client_share_noise"), float),
 }
 
 # Wire dtype -> (torch dtype, bytes per element); only what the messages use, so a foreign dtype never gets near torch.

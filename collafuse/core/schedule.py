@@ -8,6 +8,11 @@ import torch
 SCHEDULES = ("linear", "cosine")
 
 
+def per_record(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One coefficient per record (B,) shaped to broadcast over a batch like `like` (B, C, H, W)."""
+    return values.to(dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
 class NoiseSchedule:
     """Signal fractions ᾱ(t) for levels t = 0..T, with ᾱ(0) = 1 (the clean image)."""
 
@@ -40,21 +45,22 @@ class NoiseSchedule:
             raise ValueError(f"cut ratio c must be in [0, 1] (0 = centralised, 1 = local-only), got {c!r}")
         return int(round(float(c) * self.T))
 
-    def _coef(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.to(dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
-
     def noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Forward noising q(x_t | x_0): sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·eps, one level per record."""
         ab = self.alpha_bar[t.cpu()]
-        return self._coef(ab.sqrt(), x0) * x0 + self._coef((1 - ab).sqrt(), x0) * eps
+        return per_record(ab.sqrt(), x0) * x0 + per_record((1 - ab).sqrt(), x0) * eps
+
+    def server_alpha_bar(self, t_c: int, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ'(t) = ᾱ(t)/ᾱ(t_c): the signal fraction of the handoff y left in x_t on the server's own process."""
+        return self.alpha_bar[t.cpu()] / self.alpha_bar[t_c]
 
     def renoise(self, y: torch.Tensor, t_c: int, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Server-side noising of a handoff y = x_{t_c} to level t > t_c with ᾱ'(t) = ᾱ(t)/ᾱ(t_c).
 
         Gives x_t exactly the marginal q(x_t | x_0) of the full chain without x_0 or the client's noise.
         """
-        ab = self.alpha_bar[t.cpu()] / self.alpha_bar[t_c]
-        return self._coef(ab.sqrt(), y) * y + self._coef((1 - ab).sqrt(), y) * eps
+        ab = self.server_alpha_bar(t_c, t)
+        return per_record(ab.sqrt(), y) * y + per_record((1 - ab).sqrt(), y) * eps
 
     def server_eps_scale(self, t_c: int, t: torch.Tensor) -> torch.Tensor:
         """sqrt((1-ᾱ(t)) / (1-ᾱ'(t))): turns the server's re-noising noise e' into full-chain noise.
@@ -62,6 +68,4 @@ class NoiseSchedule:
         Both E[e'|x_t]/sqrt(1-ᾱ') and E[eps|x_t]/sqrt(1-ᾱ) equal minus the score of x_t, so a server
         network trained to predict e' gives the full-chain prediction after this scale.
         """
-        ab = self.alpha_bar[t.cpu()]
-        ab_rel = ab / self.alpha_bar[t_c]
-        return ((1 - ab) / (1 - ab_rel)).sqrt()
+        return ((1 - self.alpha_bar[t.cpu()]) / (1 - self.server_alpha_bar(t_c, t))).sqrt()

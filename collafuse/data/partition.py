@@ -12,6 +12,9 @@ from collafuse.data.imageset import ImageSet
 
 PARTITIONS = ("iid", "dirichlet", "pathological", "attribute", "natural")
 MIN_RECORDS = 2  # one to train on, one held out
+# FID and KID compare two sets of at least two images (a covariance; KID's pairs). A client holding out fewer
+# still trains, and its FID/KID are null in metrics.json (measure/evaluate.py), not an error after training.
+MIN_HELD_OUT = 2
 
 # The paper's CelebA clients: one client per attribute group. A record belongs to a group when
 # any of the group's attributes is set; a record in several groups goes to one of them at random
@@ -71,6 +74,9 @@ def client_splits(data: ImageSet, n_clients: int, *, partition: str = "iid", alp
         share = torch.as_tensor(np.asarray(share), dtype=torch.long).sort().values
         perm = torch.randperm(len(share), generator=g)
         n_test = min(len(share) - 1, max(1, round(test_fraction * len(share))))
+        if n_test < MIN_HELD_OUT:
+            warnings.warn(f"client {k} holds out {n_test} of its {len(share)} records: FID/KID need {MIN_HELD_OUT}, "
+                          f"so its FID/KID will be null; give it more records or a larger test_fraction", stacklevel=2)
         splits.append(ClientSplit(share[perm[n_test:]].sort().values, share[perm[:n_test]].sort().values))
     return splits
 

@@ -147,7 +147,7 @@ class Engine:
                 n = max(1, math.ceil(self.cfg.server.steps_per_round * self.cfg.server.batch_size / total)) if total \
                     else 1
         return RoundRequest(client_id=cid, run=self.run_id, round=self.round, level=self.server.t_c, mode=h.mode,
-                            first_view=first, n_views=n, steps=self.cfg.client.steps_per_round)
+                            first_view=first, n_views=n, steps=self.cfg.client_steps)
 
     def take_round_reply(self, cid: int, req: RoundRequest, blobs: list[bytes]) -> str | None:
         """Validate a whole reply, then keep it; returns a refusal's reason. Nothing is kept from a bad reply."""
@@ -291,6 +291,7 @@ class Engine:
 
     def metrics(self, sampling_dropped: dict | None = None) -> dict:
         """metrics.json's common part: per-client quality and cost as the clients reported them, bytes, dp."""
+        from collafuse.measure.evaluate import quality_verdict  # nulls and flags from the numbers clients reported
         cfg, s = self.cfg, self.cfg.sampling
         clients = {}
         for cid in sorted(self.reports):
@@ -299,7 +300,8 @@ class Engine:
                 continue
             for key in ("views_made", "steps_done", "loss", "train_flops", "sample_flops"):  # in `cost`, or per round
                 m.pop(key, None)
-            clients[str(cid)] = {**m, "bytes_up": self.bytes_up[cid], "bytes_down": self.bytes_down[cid]}
+            clients[str(cid)] = {**m, **quality_verdict(m), "bytes_up": self.bytes_up[cid],
+                                 "bytes_down": self.bytes_down[cid]}
         refusals = {e["round"]: e["refused"] for e in self.log if e["refused"]}
         return {
             "schema": 2, "run": self.run_id, "cut": cfg.cut, "cut_level": self.server.t_c, "T": cfg.schedule.T,

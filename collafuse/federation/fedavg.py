@@ -1,9 +1,11 @@
 """The FedAvg baseline: every client trains a full-chain diffusion model; Flower's own FedAvg averages them.
 
-Each round runs the Flower message flow in process: the global weights go down as an ArrayRecord in a
-train Message, each client trains locally (the c = 1 code path, with the server's model size: one full
-model) and replies with its ArrayRecord and MetricRecord "num-examples"; `flwr.serverapp.strategy.FedAvg`
-.aggregate_train does the weighted average. Bytes are the serialized ArrayRecords each way.
+Each round runs the Flower message flow in process: the global weights and their EMA go down as an
+ArrayRecord in a train Message, each client trains locally (the c = 1 code path, with the server's model
+size: one full model), updating the EMA as it goes, and replies with its ArrayRecord and MetricRecord
+"num-examples"; `flwr.serverapp.strategy.FedAvg`.aggregate_train does the weighted average of both.
+Samples come from the averaged EMA, as CollaFuse's roles sample from theirs. Bytes are the serialized
+ArrayRecords each way.
 """
 from __future__ import annotations
 
@@ -26,9 +28,17 @@ SERVER_NODE = 0
 
 def fedavg_config(cfg: Config) -> Config:
     """The same run as cfg, with every client running the whole chain on a full (server-sized) model."""
-    # No EMA: every round overwrites the clients' weights with the aggregate, which is what FedAvg samples with.
-    return dataclasses.replace(cfg, cut=1.0, client=dataclasses.replace(cfg.client, model=cfg.server.model,
-                                                                        ema_decay=0.0))
+    return dataclasses.replace(cfg, cut=1.0, client=dataclasses.replace(cfg.client, model=cfg.server.model))
+
+
+def _weights(client) -> ArrayRecord:
+    """What a FedAvg client holds and shares: the model and, when on, its EMA ("ema/" keys)."""
+    return ArrayRecord({**client.model.state_dict(), **client.ema.state()})
+
+
+def _load(client, state: dict) -> None:
+    client.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("ema/")})
+    client.ema.load(state, client.ema.updates)
 
 
 def record_bytes(arrays: ArrayRecord) -> int:
@@ -47,9 +57,9 @@ def _instruction(arrays: ArrayRecord, node_id: int, server_round: int) -> Messag
 
 def client_update(client, instruction: Message, steps: int) -> Message:
     """A client's side of one FedAvg round: load the global weights, train locally, reply with weights and count."""
-    client.model.load_state_dict(instruction.content["arrays"].to_torch_state_dict())
+    _load(client, instruction.content["arrays"].to_torch_state_dict())
     loss = client.train(steps)
-    reply = RecordDict({"arrays": ArrayRecord(client.model.state_dict()),
+    reply = RecordDict({"arrays": _weights(client),
                         "metrics": MetricRecord({"num-examples": client.num_records, "loss": loss})})
     return Message(reply, reply_to=instruction)
 
@@ -57,14 +67,14 @@ def client_update(client, instruction: Message, steps: int) -> Message:
 def fedavg_round(fed: Federation, strategy: FedAvg, server_round: int) -> dict:
     """One FedAvg round over all clients; every client ends holding the aggregated weights."""
     t0 = time.perf_counter()
-    global_arrays = ArrayRecord(fed.clients[0].model.state_dict())  # all clients hold the global model
+    global_arrays = _weights(fed.clients[0])  # all clients hold the global model
     size_down = record_bytes(global_arrays)
     replies = []
     for client in fed.clients:
         fed.wire.bytes_down[client.id] += size_down
         t1 = time.perf_counter()
         reply = client_update(client, _instruction(global_arrays, client.id + 1, server_round),
-                              fed.cfg.client.steps_per_round)
+                              fed.cfg.client_steps)
         fed.seconds[f"client{client.id}.train"] += time.perf_counter() - t1
         fed.wire.bytes_up[client.id] += record_bytes(reply.content["arrays"])
         replies.append(reply)
@@ -72,7 +82,7 @@ def fedavg_round(fed: Federation, strategy: FedAvg, server_round: int) -> dict:
     arrays, metrics = strategy.aggregate_train(server_round, replies)
     state = arrays.to_torch_state_dict()
     for client in fed.clients:
-        client.model.load_state_dict(state)
+        _load(client, state)
     fed.seconds["server.aggregate"] += time.perf_counter() - t1
     fed.round += 1
     return {"round": fed.round, "loss": {"fedavg": float(metrics["loss"])}, "seconds": time.perf_counter() - t0,
@@ -102,9 +112,9 @@ def run_fedavg(cfg: Config, out: str | Path, *, resume: bool = False, progress: 
     out, wall = Path(out), time.perf_counter()
     cfg, fed = open_run(fedavg_config(cfg), out, resume=resume)
     if not resume:  # one global initial model, as Flower's ServerApp would send in round 1
-        state = fed.clients[0].model.state_dict()
+        state = _weights(fed.clients[0]).to_torch_state_dict()
         for c in fed.clients[1:]:
-            c.model.load_state_dict(state)
+            _load(c, state)
     strategy = FedAvg(min_train_nodes=len(fed.clients), min_available_nodes=len(fed.clients))
     with open(out / "log.jsonl", "a") as log:
         for _ in tqdm(range(fed.round, cfg.rounds), desc="fedavg rounds", unit="round", disable=not progress):

@@ -186,15 +186,19 @@ def start(cfg: Config, out: str | Path, *, resume: bool = False, capture: bool =
     return engine, fed, transport
 
 
-def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
-        capture: bool = False) -> tuple[dict, Federation]:
-    """Train for cfg.rounds rounds (checkpointing each), then sample and measure per client."""
+def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True, capture: bool = False,
+        train: bool = True) -> tuple[dict, Federation]:
+    """Train for cfg.rounds rounds (checkpointing each), then sample and measure per client.
+
+    train=False (with resume): only the sampling and measuring, of the roles as the checkpoint holds them.
+    """
     # The measurement side pulls in torchmetrics and dp-accounting; keep the core import light.
     from collafuse.measure.blocks import measure  # the disclosure and cost blocks (docs/metrics.md)
     from collafuse.measure.evaluate import client_evaluations
     out, wall = Path(out), time.perf_counter()
     engine, fed, transport = start(cfg, out, resume=resume, capture=capture, progress=progress)
-    engine.run_rounds(progress=progress)
+    if train:
+        engine.run_rounds(progress=progress)
     fed.round = engine.round
     transport.evaluations = client_evaluations(fed)
     dropped = engine.sample()
@@ -205,6 +209,20 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = 
     metrics["wall_seconds"] = time.perf_counter() - wall
     engine.write_metrics(metrics)
     return metrics, fed
+
+
+def evaluate_run(out: str | Path, *, progress: bool = True) -> tuple[dict, Federation]:
+    """Sample and measure a run folder's checkpoint again, without training; rewrites its metrics.json."""
+    from collafuse.config import load_config
+    out = Path(out)
+    progress_file = out / CHECKPOINT / "progress.json"
+    if not progress_file.is_file():
+        raise FileNotFoundError(f"{out} has no checkpoint to evaluate; train the run first: "
+                                f"`collafuse run --out {out}`")
+    if "run" not in json.loads(progress_file.read_text()):  # only the round engine's checkpoints name their run
+        raise ValueError(f"{out} holds a FedAvg baseline, which is measured as it finishes: delete its "
+                         f"metrics.json and run its sweep again with --resume")
+    return run(load_config(str(out / "config.json")), out, resume=True, progress=progress, train=False)
 
 
 def open_run(cfg: Config, out: Path, *, resume: bool) -> tuple[Config, Federation]:

@@ -21,9 +21,6 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # loss_fn(records, t, noise) -> per-record denoising loss (N,); see denoising_loss
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-MIA_TARGET_FPR = 0.01
-
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-record PSNR in dB between image batches in [-1, 1] (data range 2)."""
     _check_pair(a, b)
@@ -52,6 +49,72 @@ def reconstruct(
         with torch.no_grad():
             y = y - math.sqrt(1.0 - ab) * eps_fn(y, t)
     return (y / math.sqrt(ab)).clamp(-1.0, 1.0)
+
+
+class GaussianPrior:
+    """A Gaussian fitted to public images (Ledoit-Wolf shrinkage): the linear MMSE attacker's prior.
+
+    With x ~ N(mu, S) and y = sqrt(ab) x + sqrt(1 - ab) e, E[x | y] = mu + sqrt(ab) S (ab S + (1 - ab) I)^-1
+    (y - sqrt(ab) mu): the best estimate linear in y, and the exact posterior mean for Gaussian data.
+    """
+
+    def __init__(self, images: torch.Tensor):
+        from sklearn.covariance import LedoitWolf
+        if images.ndim != 4 or len(images) < 2:
+            raise ValueError(f"the prior needs >= 2 images (N, C, H, W), got shape {tuple(images.shape)}")
+        flat = images.flatten(1).double()
+        self.shape = tuple(images.shape[1:])
+        self.mean = flat.mean(dim=0)
+        cov = torch.from_numpy(LedoitWolf().fit(flat.numpy()).covariance_)
+        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(cov)
+        self.eigenvalues = self.eigenvalues.clamp(min=0.0)
+
+    def mean_image(self, n: int) -> torch.Tensor:
+        """The trivial attack: the prior's mean for every record (what a server learns from no handoff at all)."""
+        return self.mean.float().view(1, *self.shape).expand(n, *self.shape).clone()
+
+    def posterior_mean(self, handoffs: torch.Tensor, t_c: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """E[x | y] under the prior, clamped to [-1, 1]."""
+        ab = _alpha_bar_at(alpha_bar, t_c)
+        if tuple(handoffs.shape[1:]) != self.shape:
+            raise ValueError(f"handoffs {tuple(handoffs.shape[1:])} differ from the prior's images {self.shape}")
+        if ab == 1.0:  # c = 0: the handoff is the record
+            return handoffs.float().clamp(-1.0, 1.0)
+        u, lam = self.eigenvectors, self.eigenvalues
+        gain = math.sqrt(ab) * lam / (ab * lam + (1.0 - ab))  # per principal direction of the prior
+        centred = handoffs.flatten(1).double() - math.sqrt(ab) * self.mean
+        x = self.mean + ((centred @ u) * gain) @ u.T
+        return x.float().view(-1, *self.shape).clamp(-1.0, 1.0)
+
+
+def denoiser_estimate(handoffs: torch.Tensor, t_c: int, level: int, alpha_bar: torch.Tensor, eps_fn: EpsFn,
+                      noise: torch.Tensor) -> torch.Tensor:
+    """x0 from handoffs by a denoiser of levels above the cut: re-noise to `level` with ab(level)/ab(t_c), Tweedie.
+
+    The server may pick any of its levels: near the cut its full-chain prediction is scaled up ~10x and its
+    errors with it; a few levels higher the estimate is better conditioned (see best_denoiser_level).
+    """
+    ab_c, ab = _alpha_bar_at(alpha_bar, t_c), _alpha_bar_at(alpha_bar, level)
+    if level <= t_c:
+        raise ValueError(f"the denoiser's level must be above the cut {t_c}, got {level}")
+    rel = ab / ab_c
+    x_t = math.sqrt(rel) * handoffs + math.sqrt(1.0 - rel) * noise
+    return reconstruct(x_t, level, alpha_bar, eps_fn)
+
+
+def best_denoiser_level(reference: torch.Tensor, t_c: int, levels: Sequence[int], alpha_bar: torch.Tensor,
+                        eps_fn: EpsFn, gen: torch.Generator) -> tuple[int, list[dict]]:
+    """The level whose denoiser estimate reconstructs public images best (mean PSNR), chosen without any member.
+
+    The attacker makes handoffs of the reference images itself (the schedule is public) and tries each level.
+    """
+    ab = _alpha_bar_at(alpha_bar, t_c)
+    y = math.sqrt(ab) * reference + math.sqrt(1.0 - ab) * torch.randn(reference.shape, generator=gen)
+    tried = []
+    for level in levels:
+        x0_hat = denoiser_estimate(y, t_c, level, alpha_bar, eps_fn, torch.randn(y.shape, generator=gen))
+        tried.append({"level": int(level), "psnr": float(psnr(x0_hat, reference).mean())})
+    return max(tried, key=lambda r: r["psnr"])["level"], tried
 
 
 def reconstruction_quality(x0_hat: torch.Tensor, x0: torch.Tensor) -> dict:
@@ -160,33 +223,70 @@ def mia_scores(
     return -(total / (len(levels) * draws))
 
 
-def mia_metrics(
-    member_scores: torch.Tensor, nonmember_scores: torch.Tensor, *, calibration_nonmember_scores: torch.Tensor
-) -> dict:
-    """AUC and TPR at 1% FPR of a score threshold set on held-out calibration non-members only."""
-    calib = np.sort(np.asarray(calibration_nonmember_scores, dtype=np.float64))[::-1]
-    needed = math.ceil(1 / MIA_TARGET_FPR)
-    if calib.size < needed:
-        raise ValueError(
-            f"need >= {needed} calibration non-member scores to set a 1% FPR threshold, got {calib.size}; "
-            "hold out more non-members (or shadow data) for calibration"
-        )
+MIA_FPRS = (0.01, 0.001)  # the low false-positive rates membership attacks are judged at (Carlini et al. 2022)
+
+
+def tpr_at_fpr(member_scores, nonmember_scores, fpr: float) -> float | None:
+    """TPR at the strictest threshold whose false-positive rate on these non-members is at most fpr.
+
+    None when there are fewer than 1/fpr non-members: no threshold can show that rate.
+    """
+    nonmembers = np.sort(np.asarray(nonmember_scores, dtype=np.float64))[::-1]
+    if nonmembers.size < math.ceil(1 / fpr - 1e-9):
+        return None
+    # "member" when score > threshold: at most floor(fpr * n) non-members lie strictly above it
+    threshold = nonmembers[int(math.floor(fpr * nonmembers.size + 1e-9))]
+    return float((np.asarray(member_scores, dtype=np.float64) > threshold).mean())
+
+
+def membership_metrics(member_scores, nonmember_scores) -> dict:
+    """AUC and TPR at 1% and 0.1% FPR of membership scores (higher = member), from the ROC of these sets."""
     members = np.asarray(member_scores, dtype=np.float64)
     nonmembers = np.asarray(nonmember_scores, dtype=np.float64)
     if members.size == 0 or nonmembers.size == 0:
         raise ValueError("need at least one member and one non-member score to evaluate")
-    # predict "member" when score > threshold; at most 1% of calibration scores lie strictly above it
-    threshold = float(calib[int(MIA_TARGET_FPR * calib.size)])
     labels = np.r_[np.ones(members.size), np.zeros(nonmembers.size)]
-    return {
-        "auc": float(roc_auc_score(labels, np.r_[members, nonmembers])),
-        "tpr_at_1pct_fpr": float((members > threshold).mean()),
-        "fpr_at_threshold": float((nonmembers > threshold).mean()),  # realised on the evaluated non-members
-        "threshold": threshold,
-        "members": int(members.size),
-        "nonmembers": int(nonmembers.size),
-        "calibration_nonmembers": int(calib.size),
-    }
+    out = {"auc": float(roc_auc_score(labels, np.r_[members, nonmembers]))}
+    for fpr in MIA_FPRS:
+        out[f"tpr_at_{fpr * 100:g}pct_fpr"] = tpr_at_fpr(members, nonmembers, fpr)
+    missing = [fpr for fpr in MIA_FPRS if out[f"tpr_at_{fpr * 100:g}pct_fpr"] is None]
+    out.update(members=int(members.size), nonmembers=int(nonmembers.size))
+    if missing:
+        out["note"] = (f"TPR at FPR {', '.join(f'{f:g}' for f in missing)} needs >= {math.ceil(1 / min(missing))} "
+                       f"non-members; raise eval.disclosure_records (and data.max_records)")
+    return out
+
+
+def handoff_lr_scores(candidates: torch.Tensor, handoffs: torch.Tensor, reference: torch.Tensor, t_c: int,
+                      alpha_bar: torch.Tensor, *, chunk: int = 512) -> torch.Tensor:
+    """Membership score of candidate images from the stored handoffs alone: no model needed.
+
+    score(x) = max over stored handoffs y of [min over reference images x'' of ||y - sqrt(ab) x''||^2
+    - ||y - sqrt(ab) x||^2]: up to the factor 1 / (2 (1 - ab)), the Gaussian log-likelihood ratio of "y was
+    made from x" against the best explanation of y by a non-member (the reference images, which must never
+    be members). A member's own handoff wins it a large positive score; at pure noise no y singles anyone out.
+    """
+    ab = _alpha_bar_at(alpha_bar, t_c)
+    if not candidates.shape[1:] == handoffs.shape[1:] == reference.shape[1:]:
+        raise ValueError(f"candidates {tuple(candidates.shape[1:])}, handoffs {tuple(handoffs.shape[1:])} and "
+                         f"reference {tuple(reference.shape[1:])} must be images of one shape")
+    if len(reference) == 0 or len(handoffs) == 0:
+        raise ValueError("need at least one stored handoff and one reference image")
+    y = handoffs.flatten(1).double()
+    scale = math.sqrt(ab)
+    ref = scale * reference.flatten(1).double()
+    # the best non-member explanation of each handoff (chunks bound the distance matrices)
+    explained = torch.cat([torch.cdist(y[i:i + chunk], ref).square().min(dim=1).values
+                           for i in range(0, len(y), chunk)])
+    x = scale * candidates.flatten(1).double()
+    scores = torch.empty(len(x), dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        best = torch.full((len(x[i:i + chunk]),), -math.inf, dtype=torch.float64)
+        for j in range(0, len(y), chunk):
+            ratio = explained[j:j + chunk][None, :] - torch.cdist(x[i:i + chunk], y[j:j + chunk]).square()
+            best = torch.maximum(best, ratio.max(dim=1).values)
+        scores[i:i + chunk] = best
+    return scores
 
 
 def distribution_disclosure(

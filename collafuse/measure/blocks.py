@@ -1,25 +1,29 @@
 """The disclosure block of metrics.json, measured on a trained in-process Federation (design §5).
 
-Disclosure takes the honest-but-curious server's side: it holds the handoffs it was sent and its
-own model. Members are clients' training records (the server holds their handoffs); non-members
-are clients' held-out records, which a client noises to the cut with fresh noise for this
-evaluation only (never sent, never counted as bytes). MIA thresholds are set on a seeded half of
-the non-members (calibration) and evaluated on the other half, never on the evaluated labels.
+Disclosure takes the honest-but-curious server's side: it holds the handoffs it was sent, its own
+model and public images of the same kind. Members are clients' training records (the server holds
+their handoffs). Each client's held-out records are split, seeded, into two disjoint halves: the
+public reference set (the attacker's images: the likelihood-ratio attack's alternatives, the MMSE
+prior, the choice of the denoiser's level) and the evaluated non-members (noised to the cut with
+fresh noise for this evaluation only, never sent, never counted as bytes). No reference image is
+ever a member or an evaluated non-member. Membership figures are the ROC of members against the
+evaluated non-members: AUC and TPR at 1% and 0.1% FPR; each family's strongest attack is its summary.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from sklearn.metrics import roc_auc_score
 
 from collafuse.measure import attacks
-from collafuse.measure.attacks import MIA_TARGET_FPR, chance_level, distribution_disclosure, mia_metrics, mia_scores
+from collafuse.measure.attacks import chance_level, distribution_disclosure, membership_metrics, mia_scores
 from collafuse.roles.privacy import clip_records
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut
 PIPELINE_MIA_FRACTIONS = (0.02, 0.1, 0.3, 0.6)  # of the whole chain
 MAX_KVIEWS = 64
+DENOISER_FRACTIONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4)  # of the server's levels above the cut; 0 = t_c + 1
+LEVEL_CHOICE_IMAGES = 128  # reference images the attacker tries each denoiser level on
 
 
 def measure(fed, *, extractor=None) -> dict:
@@ -42,7 +46,7 @@ def _extractor(fed):
 
 
 def _attack_sets(fed, gen) -> list[dict]:
-    """Per client: up to eval.disclosure_records members and non-members, their records and handoffs."""
+    """Per client: up to eval.disclosure_records members, reference images and non-members, and handoffs."""
     from collafuse.data.condition import client_condition
     cfg, sch, t_c = fed.cfg, fed.schedule, fed.cut_level
     cap = cfg.eval.disclosure_records
@@ -50,11 +54,14 @@ def _attack_sets(fed, gen) -> list[dict]:
     sets = []
     for c, split in zip(fed.clients, fed.splits):
         members = torch.randperm(c.num_records, generator=gen)[:cap]
-        test = split.test[torch.randperm(len(split.test), generator=gen)[:cap]]
+        held_out = split.test[torch.randperm(len(split.test), generator=gen)]
+        half = len(held_out) // 2
+        reference, test = held_out[:half][:cap], held_out[half:][:cap]
         x_non = fed.data.images[test]
-        # The client would clip held-out records exactly like its own.
-        x_non_sent = x_non if c.clip_norm is None else clip_records(x_non, c.clip_norm)
-        entry = {"client": c, "x_mem": c.images[members], "x_non": x_non,
+        # The client would clip held-out records exactly like its own; the attacker knows its clip norm.
+        sent = (lambda x: x) if c.clip_norm is None else (lambda x: clip_records(x, c.clip_norm))
+        entry = {"client": c, "x_mem": c.images[members], "x_non": x_non, "x_non_sent": sent(x_non),
+                 "x_ref": fed.data.images[reference], "x_ref_sent": sent(fed.data.images[reference]),
                  "cond_mem": None if c.condition is None else c.condition[members],
                  "cond_non": None if condition is None else condition[test],
                  "x_mem_sent": c.private_records()[members], "views": []}
@@ -63,32 +70,11 @@ def _attack_sets(fed, gen) -> list[dict]:
             views = sorted({v for (_, v) in held})
             ids = members.tolist()
             entry["views"] = torch.stack([torch.stack([held[(r, v)] for r in ids]) for v in views])  # (K, N, C, H, W)
+            entry["store"] = torch.stack(list(held.values()))  # every handoff the server holds from this client
             eval_noise = torch.randn(x_non.shape, generator=gen)
-            entry["y_non"] = sch.noise(x_non_sent, torch.full((len(test),), t_c), eval_noise).float()
+            entry["y_non"] = sch.noise(entry["x_non_sent"], torch.full((len(test),), t_c), eval_noise).float()
         sets.append(entry)
     return sets
-
-
-def _server_estimate(fed, cid: int, y: torch.Tensor, gen) -> torch.Tensor:
-    """x0 from handoffs by the server's own denoiser: re-noise to t_c+1 (its lowest level), then Tweedie."""
-    s, t1 = fed.server, fed.cut_level + 1
-    e = torch.randn(y.shape, generator=gen)
-    x = fed.schedule.renoise(y, fed.cut_level, torch.full((y.shape[0],), t1), e).float().to(s.device)
-    return attacks.reconstruct(x, t1, fed.schedule.alpha_bar, eps_fn=s.eps_fn(cid)).cpu()
-
-
-def _mia(member: torch.Tensor, nonmember: torch.Tensor, gen) -> dict:
-    """Threshold on a seeded calibration half of the non-members; AUC and TPR on members vs the other half."""
-    perm = torch.randperm(len(nonmember), generator=gen)
-    half = len(nonmember) // 2
-    calib, held = nonmember[perm[:half]], nonmember[perm[half:]]
-    if len(calib) >= math.ceil(1 / MIA_TARGET_FPR):
-        return mia_metrics(member, held, calibration_nonmember_scores=calib)
-    labels = [1] * len(member) + [0] * len(held)
-    return {"auc": float(roc_auc_score(labels, torch.cat([member, held]).tolist())), "tpr_at_1pct_fpr": None,
-            "members": len(member), "nonmembers": len(held), "calibration_nonmembers": len(calib),
-            "note": f"fewer than {math.ceil(1 / MIA_TARGET_FPR)} calibration non-members: no 1% FPR threshold; "
-                    f"raise data.max_records or eval.disclosure_records"}
 
 
 def _levels(lo: int, hi: int, fractions) -> list[int]:
@@ -126,13 +112,61 @@ def _kview(fed, sets, gen) -> dict:
             "note": "fresh: simulated views, as many as a fresh-mode run of this config sends per record"}
 
 
+def _reconstruction(fed, sets, gen) -> dict:
+    """Members' records from their handoffs: each attack's PSNR/SSIM and its gain over the mean image."""
+    sch, t_c, T, ab = fed.schedule, fed.cut_level, fed.schedule.T, fed.schedule.alpha_bar
+    x = torch.cat([s["x_mem"] for s in sets])
+    y = torch.cat([s["views"][0] for s in sets])
+    reference = torch.cat([s["x_ref_sent"] for s in sets])
+    prior = attacks.GaussianPrior(reference)
+    estimates = {"mean_image": prior.mean_image(len(x)), "scaled": attacks.reconstruct(y, t_c, ab),
+                 "mmse": prior.posterior_mean(y, t_c, ab)}
+    # The server's own denoiser, at the level that reconstructs the public images best for each client.
+    levels, picked, denoised = _levels(t_c, T, DENOISER_FRACTIONS), {}, []
+    pick = reference[torch.randperm(len(reference), generator=gen)[:LEVEL_CHOICE_IMAGES]]
+    server = fed.server
+    for s in sets:
+        cid = s["client"].id
+        eps = _on(server.eps_fn(cid), server.device)
+        picked[str(cid)], tried = attacks.best_denoiser_level(pick, t_c, levels, ab, eps, gen)
+        v = s["views"][0]
+        denoised.append(attacks.denoiser_estimate(v, t_c, picked[str(cid)], ab, eps, torch.randn(v.shape, generator=gen)))
+    estimates["server_denoiser"] = torch.cat(denoised)
+    baseline = float(attacks.psnr(estimates["mean_image"], x).mean())
+    results = {}
+    for name, x_hat in estimates.items():
+        value = _num(float(attacks.psnr(x_hat, x).mean()))
+        results[name] = {"psnr": value, "ssim": float(attacks.ssim(x_hat, x).mean()),
+                         "gain_db": None if value is None else value - baseline}
+    best = max(results, key=lambda k: math.inf if results[k]["psnr"] is None else results[k]["psnr"])
+    return {"attacks": results, "best": best, **results[best], "members": len(x), "reference": len(reference),
+            "denoiser_levels": picked, "denoiser_levels_tried": levels,
+            "note": "members only (the server holds no non-member handoff); mean_image: the prior's mean, what a "
+                    "server knows without any handoff; mmse: linear MMSE with a Ledoit-Wolf Gaussian prior fitted "
+                    "to the reference images; server_denoiser: re-noise to the level chosen on reference images, "
+                    "Tweedie; psnr None = exact recovery (infinite)"}
+
+
+def _on(eps_fn, device):
+    """A role's eps_fn called with CPU tensors: moved to its device and back."""
+    return lambda x, t: eps_fn(x.to(device), t.to(device)).cpu()
+
+
+def _membership_summary(out: dict) -> dict:
+    """The strongest membership attack of the block, by AUC."""
+    found = {k: out[k] for k in ("mia_handoff_lr", "mia_server", "mia_pipeline") if out.get(k)}
+    best = max(found, key=lambda k: found[k]["auc"])
+    return {"best": best, **{k: found[best][k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")}}
+
+
 def disclosure_block(fed, extractor=None) -> dict:
     """What the server can learn per record and per distribution, members vs non-members, at this cut."""
     cfg, sch, t_c, T = fed.cfg, fed.schedule, fed.cut_level, fed.schedule.T
     gen = torch.Generator().manual_seed(cfg.seed * 31 + 2)
     sets = _attack_sets(fed, gen)
     n_mem, n_non = sum(len(s["x_mem"]) for s in sets), sum(len(s["x_non"]) for s in sets)
-    out = {"members": n_mem, "nonmembers": n_non, "server_sees": "handoffs" if fed.server.has_levels else "nothing",
+    out = {"members": n_mem, "nonmembers": n_non, "reference": sum(len(s["x_ref"]) for s in sets),
+           "server_sees": "handoffs" if fed.server.has_levels else "nothing",
            "cut_level": t_c, "alpha_bar_cut": float(sch.alpha_bar[t_c])}
     pipeline = {"member": [], "non": []}
     for s in sets:
@@ -143,10 +177,12 @@ def disclosure_block(fed, extractor=None) -> dict:
             x = s[f"x_{kind}"]
             pipeline["member" if kind == "mem" else "non"].append(
                 mia_scores(x, loss, levels=levels, draws=cfg.eval.mia_draws, seed=cfg.seed, batch_size=len(x)))
-    out["mia_pipeline"] = {**_mia(torch.cat(pipeline["member"]), torch.cat(pipeline["non"]), gen),
+    out["mia_pipeline"] = {**membership_metrics(torch.cat(pipeline["member"]), torch.cat(pipeline["non"])),
                            "levels": _levels(0, T, PIPELINE_MIA_FRACTIONS)}
     if not fed.server.has_levels:  # c = 1: nothing crossed the wire but sampling requests and reports
-        out.update(distribution=None, reconstruction=None, reidentification=None, kview=None, mia_server=None)
+        out.update(distribution=None, reconstruction=None, reidentification=None, kview=None, mia_server=None,
+                   mia_handoff_lr=None)
+        out["membership"] = _membership_summary(out)
         return out
     extractor = extractor or _extractor(fed)
     y_mem = torch.cat([s["views"][0] for s in sets])
@@ -156,27 +192,21 @@ def disclosure_block(fed, extractor=None) -> dict:
         "members": distribution_disclosure(y_mem, x_mem, extractor, seed=cfg.seed),
         "nonmembers": distribution_disclosure(y_non, x_non, extractor, seed=cfg.seed),
         "extractor": cfg.eval.extractor}
-    recon = {}
-    for kind, key, y, x in (("members", "mem", y_mem, x_mem), ("nonmembers", "non", y_non, x_non)):
-        naive = attacks.reconstruct(y, t_c, sch.alpha_bar)
-        denoised = torch.cat([_server_estimate(fed, st["client"].id, st["views"][0] if key == "mem" else st["y_non"],
-                                               gen) for st in sets])
-        q_naive, q_den = attacks.reconstruction_quality(naive, x), attacks.reconstruction_quality(denoised, x)
-        mean = lambda v: _num(float(torch.tensor(v).mean()))
-        r = {"psnr_scaled": mean(q_naive["psnr"]), "ssim_scaled": mean(q_naive["ssim"]),
-             "psnr_denoiser": mean(q_den["psnr"]), "ssim_denoiser": mean(q_den["ssim"])}
-        r["psnr"] = None if None in (r["psnr_scaled"], r["psnr_denoiser"]) else max(r["psnr_scaled"], r["psnr_denoiser"])
-        r["ssim"] = max(r["ssim_scaled"], r["ssim_denoiser"])
-        recon[kind] = r
-    recon["note"] = ("scaled: y / sqrt(alpha_bar); denoiser: the server's model at level t_c+1 after re-noising "
-                     "(Tweedie); psnr/ssim: the better of the two; psnr None = exact recovery (infinite)")
-    out["reconstruction"] = recon
+    out["reconstruction"] = _reconstruction(fed, sets, gen)
     pool = math.sqrt(float(sch.alpha_bar[t_c])) * torch.cat([x_mem, x_non])  # the ML match for Gaussian noise
     out["reidentification"] = {
         "members": attacks.reidentification_rate(y_mem, pool, torch.arange(n_mem)),
         "nonmembers": attacks.reidentification_rate(y_non, pool, torch.arange(n_mem, n_mem + n_non)),
         "pool": n_mem + n_non, "chance": chance_level(n_mem + n_non)}
     out["kview"] = _kview(fed, sets, gen)
+    # Membership from the store alone: every handoff the server holds against the public reference images.
+    store = torch.cat([s["store"] for s in sets])
+    reference = torch.cat([s["x_ref_sent"] for s in sets])
+    lr = [attacks.handoff_lr_scores(torch.cat([s[k] for s in sets]), store, reference, t_c, sch.alpha_bar)
+          for k in ("x_mem_sent", "x_non_sent")]
+    out["mia_handoff_lr"] = {**membership_metrics(*lr), "handoffs": len(store), "reference": len(reference),
+                             "note": "no model: each candidate's best likelihood ratio over the stored handoffs "
+                                     "against the reference images"}
     scores = {"member": [], "non": []}
     levels = _levels(t_c, T, SERVER_MIA_FRACTIONS)
     for s in sets:
@@ -185,6 +215,8 @@ def disclosure_block(fed, extractor=None) -> dict:
         for kind, y in (("member", s["views"][0]), ("non", s["y_non"])):
             scores[kind].append(mia_scores(y.to(fed.server.device), loss, levels=levels, draws=cfg.eval.mia_draws,
                                            seed=cfg.seed))
-    out["mia_server"] = {**_mia(torch.cat(scores["member"]), torch.cat(scores["non"]), gen), "levels": levels,
+    out["mia_server"] = {**membership_metrics(torch.cat(scores["member"]), torch.cat(scores["non"])),
+                         "levels": levels,
                          "note": "loss of the server model on handoffs; non-member handoffs made for evaluation only"}
+    out["membership"] = _membership_summary(out)
     return out

@@ -111,3 +111,17 @@ def cost_block(clients: dict[str, dict], server: dict) -> dict:
     return {"method": METHOD, "clients": clients, "client_total": totals,
             "client_mean": {k: v / max(1, len(clients)) for k, v in totals.items()}, "server": server,
             "bytes_up": totals["bytes_up"], "bytes_down": totals["bytes_down"]}
+
+
+def model_train_step_flops(model_cfg, image_shape: tuple[int, int, int], batch: int) -> int:
+    """FLOPs of one training step of a role's UNet on a batch, before any run: what a budget rule divides by.
+
+    Labels are left out: an embedding lookup has no counted FLOPs.
+    """
+    from collafuse.core.models import Denoiser
+    c, h, _ = image_shape
+    model = Denoiser(model_cfg, h, c)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *image_shape), generator=gen)
+    t = torch.randint(1, 1000, (batch,), generator=gen)
+    return train_step_flops(model, lambda: F.mse_loss(model(x, t), x))

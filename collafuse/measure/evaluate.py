@@ -12,14 +12,28 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from collafuse.core.protocol import ClientReport
+from collafuse.data.partition import MIN_HELD_OUT
 from collafuse.measure.images import save_grid
-from collafuse.measure.quality import DomainClassifier, evaluate_quality, feature_extractor, train_domain_classifier
+from collafuse.measure.quality import (DomainClassifier, class_shares, evaluate_quality, feature_extractor,
+                                       train_domain_classifier)
 from collafuse.roles.client import Client
 
 EVALUATOR_FILE = "evaluator.safetensors"  # the measuring instrument (domain classifier), same for every client
 EVAL_FILE = "evaluation.json"  # how a client's samples are measured
 
 OWN_CLASS_MIN_SHARE = 0.05  # a class counts as the client's own when >= 5% of its training records carry it
+
+# A failed client: its samples are no nearer its held-out images than pure noise is, by KID or by FID. Either:
+# a second noise draw of 32 images scores up to 0.13 by KID (its sampling error) but under 0.06 by FID on the
+# domain features of MNIST. Where FID/KID cannot be measured, the classifier's evidence: it puts the samples
+# in the client's own classes no more often than noise. The share alone is weak (n = 32 gives it a +-0.09
+# standard error; samples of other clients' classes are recognisable images yet score low), so it never
+# overrules the scores.
+FAILED_SCORE = 0.1  # a score below this: less than a tenth of the way from pure noise to real images
+SHARE_MARGIN = 0.1  # the own-class share must beat pure noise's by this much
+# Per client in metrics.json: null where not measured (too few images), never missing.
+QUALITY_KEYS = ("fid", "kid_mean", "kid_std", "kid_subset_size", "n_reference", "fid_noise", "kid_noise",
+                "fid_ceiling", "kid_ceiling", "fid_score", "kid_score")
 
 
 def own_classes(labels: torch.Tensor, num_classes: int) -> list[int]:
@@ -92,24 +106,33 @@ class ClientEvaluation:
     """How one client measures its samples: against its own held-out images, with the run's instrument."""
 
     reference: torch.Tensor  # the client's held-out images
+    training: torch.Tensor  # the client's training images: a draw of them against `reference` is the ceiling
     extractor: torch.nn.Module
     classifier: DomainClassifier | None
     own: list[int] | None  # the classifier outputs that count as the client's own
     domain_kind: str | None  # what the classifier tells apart: "class", "client" or None
 
     def measure(self, images: torch.Tensor) -> dict:
-        """FID, KID (and own-class or own-client share) of samples, as numbers a ClientReport may carry."""
-        quality = evaluate_quality(images, self.reference, extractor=self.extractor,
-                                   classifier=self.classifier if self.own is not None else None,
-                                   client_classes=self.own)
+        """FID, KID (and own-class or own-client share) of samples, beside pure noise and real images; numbers only.
+
+        Too few held-out images (or samples) for FID/KID leaves them out (null in metrics.json, with the
+        reason: quality_verdict); the classifier's shares need no reference and are still measured.
+        """
+        classifier = self.classifier if self.own is not None else None
+        if min(len(images), len(self.reference)) >= MIN_HELD_OUT:
+            quality = evaluate_quality(images, self.reference, extractor=self.extractor, real=self.training,
+                                       classifier=classifier, client_classes=self.own)
+        else:
+            quality = {} if classifier is None else class_shares(images, classifier, self.own)
         numbers = {k: v for k, v in quality.items() if isinstance(v, (int, float))}
-        if self.domain_kind == "client" and "own_class_share" in numbers:
-            numbers["own_client_share"] = numbers.pop("own_class_share")  # classes here are clients
-        numbers["n_test"] = len(self.reference)
+        if self.domain_kind == "client":  # classes here are clients
+            numbers = {k.replace("own_class_share", "own_client_share"): v for k, v in numbers.items()}
+        numbers.update(n_samples=len(images), n_test=len(self.reference))
         return numbers
 
     @classmethod
-    def from_folder(cls, extractor_name: str, folder: Path, reference: torch.Tensor) -> "ClientEvaluation":
+    def from_folder(cls, extractor_name: str, folder: Path, reference: torch.Tensor,
+                    training: torch.Tensor) -> "ClientEvaluation":
         """A Flower client's evaluation, from the instrument `collafuse flower prepare-data` left in its folder."""
         info_path = folder / EVAL_FILE
         info = json.loads(info_path.read_text()) if info_path.is_file() else {"domain_labels": None,
@@ -128,14 +151,71 @@ class ClientEvaluation:
             raise FileNotFoundError(f"{folder / EVALUATOR_FILE} not found: eval.extractor=domain needs the "
                                     f"evaluator written by `collafuse flower prepare-data`, or run with "
                                     f"--set eval.extractor=inception")
-        return cls(reference, feature_extractor(extractor_name, classifier=classifier), classifier,
+        return cls(reference, training, feature_extractor(extractor_name, classifier=classifier), classifier,
                    info["own_targets"] if classifier is not None else None, info["domain_labels"])
+
+
+def _images(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _num(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def quality_verdict(m: dict) -> dict:
+    """A client's reported quality for metrics.json: null where unmeasured, `failed` and a `quality_note` saying why.
+
+    Derived from the numbers the client reported, where metrics.json is written: only numbers cross the wire.
+    """
+    q = {k: m.get(k) for k in QUALITY_KEYS}
+    notes, evidence = [], []
+    n_test, n_samples, n_train = m.get("n_test"), m.get("n_samples"), m.get("n_train")
+    if q["kid_mean"] is None and n_test is not None and n_test < MIN_HELD_OUT:
+        notes.append(f"{_images(n_test, 'held-out image')}: FID/KID need >= {MIN_HELD_OUT}; raise data.max_records "
+                     f"or data.test_fraction")
+    elif q["kid_mean"] is None and n_samples is not None and n_samples < MIN_HELD_OUT:
+        notes.append(f"{_images(n_samples, 'sample')}: FID/KID need >= {MIN_HELD_OUT}; raise sampling.n")
+    elif q["kid_mean"] is not None and q["kid_ceiling"] is None:
+        notes.append(f"{_images(n_train, 'training image')}: the real-vs-real ceiling needs >= {MIN_HELD_OUT}, "
+                     f"so there is no kid_score")
+    elif q["kid_mean"] is not None and q["kid_score"] is None:
+        notes.append(f"these features do not tell pure noise (KID {q['kid_noise']:.3g}) from real images "
+                     f"({q['kid_ceiling']:.3g}), so there is no kid_score")
+    scores = [v for v in (q["kid_score"], q["fid_score"]) if v is not None]
+    judged = bool(scores)
+    if judged and min(scores) < FAILED_SCORE:
+        evidence.append(f"KID score {_num(q['kid_score'], '.2f')}, FID score {_num(q['fid_score'], '.2f')}: "
+                        f"KID {q['kid_mean']:.3g}, pure noise {q['kid_noise']:.3g}, real images {q['kid_ceiling']:.3g}")
+    shares = [] if judged else [(k, m.get(k), m.get(f"{k}_noise")) for k in ("own_class_share", "own_client_share")]
+    for key, share, noise in shares:
+        if share is None or noise is None or noise > 1 - SHARE_MARGIN:  # noise already all 'own': tells nothing
+            continue
+        judged = True
+        if share < noise + SHARE_MARGIN:
+            evidence.append(f"{key.replace('_', ' ')} {share:.2f}, pure noise {noise:.2f}")
+    if evidence:
+        notes.insert(0, f"samples are indistinguishable from noise ({'; '.join(evidence)})")
+    return {**q, "failed": bool(evidence) if judged else None, "quality_note": "; ".join(notes) or None}
+
+
+def quality_line(cid, m: dict) -> str:
+    """A client's quality in one line for the command line; a failed client's says so plainly."""
+    if m.get("failed"):
+        return f"client {cid}: {m['quality_note']}"
+    line = f"client {cid}: FID {_num(m.get('fid'), '.2f')}  KID {_num(m.get('kid_mean'), '.4f')}"
+    if m.get("kid_score") is not None:
+        line += f" (score {m['kid_score']:.2f}: pure noise {m['kid_noise']:.3g}, real images {m['kid_ceiling']:.3g})"
+    for key in ("own_class_share", "own_client_share"):
+        if m.get(key) is not None:
+            line += f"  {key.replace('_', '-')} {m[key]:.2f} (pure noise {_num(m.get(key + '_noise'), '.2f')})"
+    return line + (f"  ({m['quality_note']})" if m.get("quality_note") else "")
 
 
 def client_evaluations(fed) -> dict[int, ClientEvaluation]:
     """Each in-process client's evaluation: the run's domain classifier, its own held-out images."""
     domain, classifier, extractor = quality_features(fed)
-    return {c.id: ClientEvaluation(fed.data.images[split.test], extractor, classifier,
+    return {c.id: ClientEvaluation(fed.data.images[split.test], fed.data.images[split.train], extractor, classifier,
                                    own_targets(fed, c, domain), domain[0] if domain else None)
             for c, split in zip(fed.clients, fed.splits)}
 
@@ -151,12 +231,12 @@ def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
         save_grid(images, out / f"samples_client{client.id}.png")
         numbers = evaluations[client.id].measure(images)
         report = fed.wire.up(ClientReport(client_id=client.id, metrics=numbers), fed.server.limits)
-        per_client[str(client.id)] = {
-            **report.metrics, "n_train": client.num_records,
-            "train_seconds": fed.seconds[f"client{client.id}.train"],
-            "sample_seconds": fed.seconds[f"client{client.id}.sample"],
-            "params": client.model.num_parameters(),
-            "bytes_up": fed.wire.bytes_up[client.id], "bytes_down": fed.wire.bytes_down[client.id]}
+        entry = {**report.metrics, "n_train": client.num_records,
+                 "train_seconds": fed.seconds[f"client{client.id}.train"],
+                 "sample_seconds": fed.seconds[f"client{client.id}.sample"],
+                 "params": client.model.num_parameters(),
+                 "bytes_up": fed.wire.bytes_up[client.id], "bytes_down": fed.wire.bytes_down[client.id]}
+        per_client[str(client.id)] = {**entry, **quality_verdict(entry)}
     kind = next(iter(evaluations.values())).domain_kind
     return {
         "schema": 2, "cut": cfg.cut, "cut_level": fed.cut_level, "T": cfg.schedule.T, "rounds": fed.round,

@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from collafuse.data.partition import MIN_HELD_OUT
 from collafuse.measure.inception import cache_root, load_inception
 
 EXTRACTORS = ("domain", "inception")
@@ -195,18 +196,62 @@ def _extract(extractor: nn.Module, images: torch.Tensor, device: torch.device, b
     return torch.cat(chunks).double()
 
 
+def pure_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """The quality floor: seeded Gaussian noise clamped to [-1, 1], as many images of the same shape as `like`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(like.shape, generator=g).clamp_(-1, 1)
+
+
+def normalised_score(value: float, floor: float, ceiling: float) -> float | None:
+    """Where value lies from pure noise (0) to real images (1), clipped to [0, 1]; None if noise scores no worse."""
+    span = floor - ceiling
+    if not span > 0:  # the features cannot tell noise from real images: there is no scale to place value on
+        return None
+    return min(1.0, max(0.0, (floor - value) / span))
+
+
+def _fid_kid(fake: torch.Tensor, real: torch.Tensor, subset: int, seed: int) -> tuple[float, float, float]:
+    """FID, KID mean and KID std between two feature sets (N, d)."""
+    d = fake.shape[1]
+    fid = FrechetInceptionDistance(feature=_Precomputed(d))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    with warnings.catch_warnings():  # its note that features are buffered in memory: that is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        # When one subset covers both whole sets, every draw is the same: one is enough (kid_std is then 0).
+        subsets = 1 if subset == len(fake) == len(real) else KID_SUBSETS
+        kid = KernelInceptionDistance(feature=_Precomputed(d), subsets=subsets, subset_size=subset)
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: seed it, then restore
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return float(fid.compute()), float(kid_mean), float(kid_std)
+
+
 def evaluate_quality(samples: torch.Tensor, reference: torch.Tensor, *, extractor: nn.Module,
-                     classifier: DomainClassifier | None = None, client_classes=None,
+                     classifier: DomainClassifier | None = None, client_classes=None, real: torch.Tensor | None = None,
                      kid_subset_size: int | None = None, device=None, batch_size: int = 64, seed: int = 0) -> dict:
-    """FID, KID (and the own-class share) of a client's samples against its held-out reference images."""
+    """FID, KID (and the own-class share) of a client's samples against its held-out reference images.
+
+    Beside them the same numbers for pure noise (the floor, `*_noise`) and, given at least MIN_HELD_OUT `real`
+    images of the client that are not in the reference, for those (the ceiling, `*_ceiling`), and where the
+    samples lie between the two (`fid_score`, `kid_score`: 0 = as bad as noise, 1 = as good as real images).
+    """
     _check_images(samples, "samples")
     _check_images(reference, "reference")
     if samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"samples have shape (C, H, W) = {tuple(samples.shape[1:])} but the reference images "
                          f"{tuple(reference.shape[1:])}; generate samples in the reference's format")
+    if real is not None:
+        _check_images(real, "real")
+        if real.shape[1:] != reference.shape[1:]:
+            raise ValueError(f"real images have shape (C, H, W) = {tuple(real.shape[1:])} but the reference images "
+                             f"{tuple(reference.shape[1:])}; give the client's own images in the reference's format")
     n_s, n_r = len(samples), len(reference)
-    if min(n_s, n_r) < 2:
-        raise ValueError(f"FID/KID need at least 2 samples and 2 reference images, got {n_s} and {n_r}")
+    if min(n_s, n_r) < MIN_HELD_OUT:
+        raise ValueError(f"FID/KID need at least {MIN_HELD_OUT} samples and {MIN_HELD_OUT} reference images, "
+                         f"got {n_s} and {n_r}")
     if (classifier is None) != (client_classes is None):
         raise ValueError("own_class_share needs both classifier and client_classes; give both or neither")
     subset = min(KID_MAX_SUBSET, n_s, n_r) if kid_subset_size is None else kid_subset_size
@@ -215,29 +260,34 @@ def evaluate_quality(samples: torch.Tensor, reference: torch.Tensor, *, extracto
                          f"got {kid_subset_size!r}")
     device = _device(device)
     extractor = extractor.to(device).eval()  # the extractor (and classifier) stay on `device` afterwards
-    fake, real = _extract(extractor, samples, device, batch_size), _extract(extractor, reference, device, batch_size)
-    d = fake.shape[1]
-
-    fid = FrechetInceptionDistance(feature=_Precomputed(d))
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
-    with warnings.catch_warnings():  # its note that features are buffered in memory: that is intended here
-        warnings.simplefilter("ignore", UserWarning)
-        # When one subset covers both whole sets, every draw is the same: one is enough (kid_std is then 0).
-        subsets = 1 if subset == n_s == n_r else KID_SUBSETS
-        kid = KernelInceptionDistance(feature=_Precomputed(d), subsets=subsets, subset_size=subset)
-    kid.update(real, real=True)
-    kid.update(fake, real=False)
-    with torch.random.fork_rng(devices=[]):  # KID draws its subsets from the global RNG: seed it, then restore
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    result = {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
-              "kid_subset_size": subset, "n_samples": n_s, "n_reference": n_r,
-              "extractor": getattr(extractor, "name", type(extractor).__name__)}
+    ref = _extract(extractor, reference, device, batch_size)  # shared by the samples, the floor and the ceiling
+    fid, kid_mean, kid_std = _fid_kid(_extract(extractor, samples, device, batch_size), ref, subset, seed)
+    result = {"fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": subset, "n_samples": n_s,
+              "n_reference": n_r, "extractor": getattr(extractor, "name", type(extractor).__name__)}
+    noise = _extract(extractor, pure_noise(samples, seed), device, batch_size)
+    result["fid_noise"], result["kid_noise"], _ = _fid_kid(noise, ref, subset, seed)
+    if real is not None and len(real) >= MIN_HELD_OUT:
+        # Ceiling: as many real images as there are samples (fewer if the client has fewer) against the same whole
+        # reference, so FID's small-sample bias, which depends on the counts compared, is the samples' own. Two
+        # halves of the reference would compare n_r/2 with n_r/2 images (a worse FID than a perfect generator
+        # gets here) and need 4 held-out images where the samples need 2.
+        draw = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n_s]]
+        fid_c, kid_c, _ = _fid_kid(_extract(extractor, draw, device, batch_size), ref, min(subset, len(draw)), seed)
+        result.update(fid_ceiling=fid_c, kid_ceiling=kid_c,
+                      fid_score=normalised_score(fid, result["fid_noise"], fid_c),
+                      kid_score=normalised_score(kid_mean, result["kid_noise"], kid_c))
     if classifier is not None:
-        result["own_class_share"] = own_class_share(samples, classifier, client_classes, device=device,
-                                                    batch_size=batch_size)
+        result.update(class_shares(samples, classifier, client_classes, device=device, batch_size=batch_size,
+                                   seed=seed))
     return result
+
+
+def class_shares(samples: torch.Tensor, classifier: DomainClassifier, client_classes, *, device=None,
+                 batch_size: int = 64, seed: int = 0) -> dict:
+    """The own-class share of the samples, and of as much pure noise: what the classifier says of no image at all."""
+    kw = {"device": device, "batch_size": batch_size}
+    return {"own_class_share": own_class_share(samples, classifier, client_classes, **kw),
+            "own_class_share_noise": own_class_share(pure_noise(samples, seed), classifier, client_classes, **kw)}
 
 
 def own_class_share(samples: torch.Tensor, classifier: DomainClassifier, client_classes, *, device=None,

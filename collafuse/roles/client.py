@@ -4,11 +4,11 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise
 from collafuse.core.protocol import (ClientReport, HandoffBatch, Refusal, RoundRequest, SamplingHandoffs,
                                      SamplingRequest)
+from collafuse.core.recipe import LRSchedule, Objective
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors
@@ -29,6 +29,7 @@ class Client:
     def __init__(self, client_id: int, images: torch.Tensor, labels: torch.Tensor, *, schedule: NoiseSchedule,
                  cut_level: int, model: ModelConfig, secret: bytes, ledger: ReleaseLedger,
                  policy: PrivacyPolicy = PrivacyPolicy(), lr: float = 1e-3, batch_size: int = 64,
+                 objective: Objective = Objective(), lr_schedule: LRSchedule = LRSchedule(),
                  condition: torch.Tensor | None = None, num_classes: int | None = None,
                  ema_decay: float = 0.0, seed: int = 0, device: torch.device | str = "cpu"):
         if images.shape[0] == 0:
@@ -44,6 +45,7 @@ class Client:
                               num_labels=num_classes if condition is not None and not vector else None,
                               vector_dim=condition.shape[1] if vector else None, seed=seed).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.lr, self.lr_schedule, self.objective = lr, lr_schedule, objective
         self.ema = EMA(self.model, ema_decay)
         self.gen = torch.Generator().manual_seed(seed)
         # The secret behind every handoff's noise; it never leaves the client (nor its state folder).
@@ -61,6 +63,7 @@ class Client:
         c = cfg.client
         return cls(client_id, images, labels, schedule=schedule, cut_level=schedule.cut_level(cfg.cut),
                    model=c.model, secret=secret, ledger=ledger, policy=policy, lr=c.lr, batch_size=c.batch_size,
+                   objective=c.objective(), lr_schedule=c.lr_schedule(cfg.rounds * cfg.client_steps),
                    condition=condition, num_classes=num_classes, ema_decay=c.ema_decay,
                    seed=cfg.seed * 1000 + client_id, device=device)
 
@@ -147,25 +150,29 @@ class Client:
         return out
 
     def train(self, steps: int) -> float:
-        """`steps` DDPM noise-prediction steps on levels 1..t_c; returns the mean loss (nan if no levels)."""
+        """`steps` training steps on levels 1..t_c (the chain's own ᾱ); returns the mean loss (nan if no levels)."""
         if self.t_c == 0 or steps == 0:
             return float("nan")
         self.model.train()
         total = 0.0
-        for _ in range(steps):
+        for step in range(self.steps_done, self.steps_done + steps):
             idx = torch.randint(self.num_records, (self.batch_size,), generator=self.gen)
             t = torch.randint(1, self.t_c + 1, (self.batch_size,), generator=self.gen)
             eps = torch.randn((self.batch_size, *self.images.shape[1:]), generator=self.gen)
-            x_t = self.schedule.noise(self.images[idx], t, eps).to(self.device)
+            x0 = self.images[idx]
+            x_t = self.schedule.noise(x0, t, eps).to(self.device)
             cond = self.condition[idx].to(self.device) if self.condition is not None else None
-            total += optimise(self.opt, F.mse_loss(self.model(x_t, t.to(self.device), cond), eps.to(self.device)))
+            loss = self.objective.loss(self.model(x_t, t.to(self.device), cond), self.schedule.alpha_bar[t], x0, eps)
+            total += optimise(self.opt, loss, self.lr * self.lr_schedule.factor(step))
             self.ema.update(self.model)
         self.steps_done += steps
         return total / steps
 
     def eps_fn(self, cond: torch.Tensor | None):
         """Noise prediction of the sampling (EMA) weights for levels <= t_c."""
-        return lambda x, t: self.ema.model(x, t, cond)
+        def fn(x, t):
+            return self.objective.predicted_noise(self.ema.model(x, t, cond), self.schedule.alpha_bar[t.cpu()], x)
+        return fn
 
     def sampling_request(self, n: int, steps: int, sampler: str, seed: int) -> SamplingRequest:
         return SamplingRequest(client_id=self.id, n=n, steps=steps, sampler=sampler, seed=seed)

@@ -4,10 +4,10 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise
 from collafuse.core.protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest, handoff_bound
+from collafuse.core.recipe import LRSchedule, Objective
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors, split_prefix
@@ -18,6 +18,7 @@ class Server:
 
     def __init__(self, *, schedule: NoiseSchedule, cut_level: int, client_ids: list[int],
                  image_shape: tuple[int, int, int], model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
+                 objective: Objective = Objective(), lr_schedule: LRSchedule = LRSchedule(),
                  client_cond: bool = True, ema_decay: float = 0.0, seed: int = 0,
                  device: torch.device | str = "cpu",
                  max_message_bytes: int | None = None, max_samples: int = 1024):
@@ -29,6 +30,7 @@ class Server:
         self.model = Denoiser(model, image_shape[-1], image_shape[0],
                               max(self.client_ids) + 1 if client_cond else None, seed=seed).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.lr, self.lr_schedule, self.objective = lr, lr_schedule, objective
         self.ema = EMA(self.model, ema_decay)
         self.gen = torch.Generator().manual_seed(seed + 104729)
         # What any client message must satisfy before anything is built from it: handoffs no bigger than the
@@ -49,7 +51,8 @@ class Server:
         """The server as a run Config describes it, for clients 0..data.clients-1."""
         s = cfg.server
         return cls(schedule=schedule, cut_level=schedule.cut_level(cfg.cut), client_ids=list(range(cfg.data.clients)),
-                   image_shape=image_shape, model=s.model, lr=s.lr, batch_size=s.batch_size,
+                   image_shape=image_shape, model=s.model, lr=s.lr, batch_size=s.batch_size, objective=s.objective(),
+                   lr_schedule=s.lr_schedule(cfg.rounds * s.steps_per_round),
                    client_cond=s.client_cond, ema_decay=s.ema_decay, seed=cfg.seed, device=device,
                    max_message_bytes=cfg.max_message_bytes, max_samples=s.max_samples)
 
@@ -92,14 +95,17 @@ class Server:
         handoffs, owners = self._handoff_pool()
         self.model.train()
         total = 0.0
-        for _ in range(steps):
+        for step in range(self.steps_done, self.steps_done + steps):
             idx = torch.randint(handoffs.shape[0], (self.batch_size,), generator=self.gen)
             t = torch.randint(self.t_c + 1, self.schedule.T + 1, (self.batch_size,), generator=self.gen)
             e = torch.randn((self.batch_size, *self.image_shape), generator=self.gen)
-            x_t = self.schedule.renoise(handoffs[idx], self.t_c, t, e).to(self.device)
+            y = handoffs[idx]
+            x_t = self.schedule.renoise(y, self.t_c, t, e).to(self.device)
             label = owners[idx].to(self.device) if self.client_cond else None
-            # Target: the server's own re-noising noise e' (unit variance); eps_fn rescales to full-chain noise.
-            total += optimise(self.opt, F.mse_loss(self.model(x_t, t.to(self.device), label), e.to(self.device)))
+            # The server's own process: data y, noise e', signal fraction ᾱ'; eps_fn rescales to full-chain noise.
+            out = self.model(x_t, t.to(self.device), label)
+            loss = self.objective.loss(out, self.schedule.server_alpha_bar(self.t_c, t), y, e)
+            total += optimise(self.opt, loss, self.lr * self.lr_schedule.factor(step))
             self.ema.update(self.model)
         self.steps_done += steps
         return total / steps
@@ -108,8 +114,10 @@ class Server:
         """Full-chain noise prediction for the requesting client."""
         def fn(x, t):
             label = torch.full_like(t, client_id) if self.client_cond else None
+            out = self.ema.model(x, t, label)
+            e = self.objective.predicted_noise(out, self.schedule.server_alpha_bar(self.t_c, t), x)  # its own e'
             scale = self.schedule.server_eps_scale(self.t_c, t.cpu()).to(x.device, x.dtype).view(-1, 1, 1, 1)
-            return scale * self.ema.model(x, t, label)
+            return scale * e
         return fn
 
     @torch.no_grad()

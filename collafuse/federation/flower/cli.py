@@ -87,10 +87,10 @@ def run_local_command(
                            round_timeout=round_timeout, app=app_dir, progress=typer.echo)
     except (ValueError, FileNotFoundError, FileExistsError, FlowerProcessError) as e:
         _fail(e)
+    from collafuse.measure.evaluate import quality_line
     m = result.metrics
     for cid, c in m["clients"].items():
-        typer.echo(f"client {cid}: FID {c['fid']:.2f}  KID {c['kid_mean']:.4f}  images in "
-                   f"{result.out / 'clients' / f'client-{cid}'}")
+        typer.echo(f"{quality_line(cid, c)}  images in {result.out / 'clients' / f'client-{cid}'}")
     if m["participation"]["missing_clients"]:
         typer.echo(f"clients without results (refused or dropped out): {m['participation']['missing_clients']}")
     typer.echo(f"metrics: {result.out / 'server' / 'metrics.json'}   run {result.run.run_id}: {result.run.status}, "

@@ -224,5 +224,5 @@ def client_samples(cfg: Config, place: ClientPlace, run: str, blob: bytes) -> li
     """Finish the server's handoffs; images stay in this client's run folder; numbers go back."""
     from collafuse.measure.evaluate import ClientEvaluation
     client, data = open_client(cfg, place, run)
-    evaluation = ClientEvaluation.from_folder(cfg.eval.extractor, place.data_path, data.test_images)
+    evaluation = ClientEvaluation.from_folder(cfg.eval.extractor, place.data_path, data.test_images, data.images)
     return serve_samples(client, cfg, blob, evaluation, place.run_dir(run))

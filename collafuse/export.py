@@ -1,0 +1,344 @@
+"""diffusers pipelines for a trained run's parties, and `collafuse export`: one party's weights, chain and model card.
+
+The pipelines step the chain with collafuse's own sampler (core/sampling.py), so the handoff lands exactly
+at t_c and a pipeline reproduces `collafuse sample` bit for bit on CPU. The DDPMScheduler each one carries
+records the run's chain (T and betas) for other diffusers tools; the pipelines do not step it.
+
+Loading needs collafuse installed, and no network:
+    from collafuse.export import CollaFuseClientPipeline
+    pipe = CollaFuseClientPipeline.from_pretrained("my-client")
+Each folder also holds a `pipeline.py` that imports its class, for diffusers' own custom-pipeline loader:
+    DiffusionPipeline.from_pretrained("my-client", custom_pipeline="pipeline", trust_remote_code=True)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+
+from collafuse.core.sampling import eta_of, level_grid, sample_levels
+from collafuse.core.schedule import NoiseSchedule
+
+PARTS = ("server", "client", "split")
+IMAGE_OUTPUTS = ("pil", "np", "pt")
+HANDOFF_OUTPUTS = ("pt", "np")  # a handoff is the chain's state at t_c, not an image: no PIL
+QUALITY_KEYS = ("fid", "kid_mean", "kid_std", "own_class_share", "own_client_share", "n_samples", "n_reference")
+
+
+def chain_scheduler(schedule: NoiseSchedule) -> DDPMScheduler:
+    """The run's chain as a diffusers scheduler: T and the betas of ᾱ, no clipping (a handoff is not an image)."""
+    ab = schedule.alpha_bar
+    return DDPMScheduler(num_train_timesteps=schedule.T, trained_betas=(1 - ab[1:] / ab[:-1]).tolist(),
+                         clip_sample=False, prediction_type="epsilon")
+
+
+def server_eps(unet: UNet2DModel, schedule: NoiseSchedule, cut_level: int, client_id: int):
+    """Full-chain noise prediction of the server's net for one client, as Server.eps_fn computes it."""
+    def fn(x, t):
+        label = torch.full_like(t, client_id) if unet.config.num_class_embeds else None
+        scale = schedule.server_eps_scale(cut_level, t.cpu()).to(x.device, x.dtype).view(-1, 1, 1, 1)
+        return scale * unet(x, t, class_labels=label).sample
+    return fn
+
+
+def class_condition(unet: UNet2DModel, class_labels, n: int, device) -> torch.Tensor | None:
+    """The client's class per sample (one int for all, or n of them); None for an unconditional client."""
+    classes = unet.config.num_class_embeds
+    if classes is None:
+        if class_labels is not None:
+            raise ValueError("this client's model is unconditional (client.condition=none); drop class_labels")
+        return None
+    if class_labels is None:
+        raise ValueError(f"this client's model is conditioned on its private classes 0..{classes - 1}: pass "
+                         f"class_labels (one int, or one per sample)")
+    labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
+    labels = labels.expand(n) if labels.numel() == 1 else labels
+    if labels.shape != (n,) or not bool(((labels >= 0) & (labels < classes)).all()):
+        raise ValueError(f"class_labels must be one int or {n} ints in 0..{classes - 1}, got {class_labels!r}")
+    return labels.to(device)
+
+
+class _ChainPipeline(DiffusionPipeline):
+    """What the three pipelines share: the run's schedule, a descent over levels, output conversion."""
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        """The run's ᾱ(t) as collafuse computes it (float64), from T and the schedule kind."""
+        return NoiseSchedule(self.scheduler.config.num_train_timesteps, self.config.schedule)
+
+    def _descend(self, schedule: NoiseSchedule, eps_fn, x, levels: list[int], sampler: str,
+                 generator) -> torch.Tensor:
+        """core.sampling.sample_levels from levels[0] to levels[-1], ticking the progress bar once per step."""
+        with self.progress_bar(total=len(levels) - 1) as bar:
+            def ticking(x_t, t):
+                bar.update()
+                return eps_fn(x_t, t)
+            return sample_levels(ticking, x, levels, schedule, eta_of(sampler), generator)
+
+    def _to_cut(self, unet, client_id: int, n: int, steps: int, sampler: str, generator) -> torch.Tensor:
+        """Levels T..t_c for one client, as Server.sample_to_cut (noise drawn on the CPU from `generator`)."""
+        classes = unet.config.num_class_embeds
+        if classes and not 0 <= client_id < classes:
+            raise ValueError(f"client_id {client_id} is not one of this server's clients 0..{classes - 1}")
+        shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        schedule, t_c = self.noise_schedule, self.config.cut_level
+        x = torch.randn((n, *shape), generator=generator).to(self.device)
+        x = self._descend(schedule, server_eps(unet, schedule, t_c, client_id), x, level_grid(schedule.T, t_c, steps),
+                          sampler, generator)
+        return x.float().cpu()
+
+    def _finish(self, unet, handoffs, class_labels, steps: int, sampler: str, generator) -> torch.Tensor:
+        """Levels t_c..0 on handoffs, as Client.finish with the given classes. Returns (n, C, H, W) in [-1, 1]."""
+        y = torch.as_tensor(handoffs, dtype=torch.float32)
+        shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        if y.dim() != 4 or tuple(y.shape[1:]) != shape:
+            raise ValueError(f"handoffs must have shape (n, {', '.join(map(str, shape))}), got {tuple(y.shape)}")
+        cond = class_condition(unet, class_labels, y.shape[0], self.device)
+        x = self._descend(self.noise_schedule, lambda x, t: unet(x, t, class_labels=cond).sample, y.to(self.device),
+                          level_grid(self.config.cut_level, 0, steps), sampler, generator)
+        return x.clamp(-1, 1).cpu()
+
+    def _images(self, x: torch.Tensor, output_type: str):
+        """[-1, 1] samples as diffusers' image pipelines return them: [0, 1] tensors, NHWC arrays or PIL images."""
+        x = (x / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return x
+        x = x.permute(0, 2, 3, 1).numpy()
+        return self.numpy_to_pil(x) if output_type == "pil" else x
+
+
+def _check_output(output_type: str, allowed: tuple[str, ...]) -> None:
+    if output_type not in allowed:
+        raise ValueError(f"output_type {output_type!r} is not offered here; choose one of {', '.join(allowed)}")
+
+
+class CollaFuseServerPipeline(_ChainPipeline):
+    """Noise -> handoffs at t_c for one client: the server operator's part (levels T..t_c+1)."""
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cut_level: int = 0, schedule: str = "linear",
+                 sampler: str = "ddim", steps: int = 40):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, steps=steps)
+
+    @torch.no_grad()
+    def __call__(self, client_id: int, batch_size: int = 1, num_inference_steps: int | None = None,
+                 sampler: str | None = None, generator: torch.Generator | None = None, output_type: str = "pt",
+                 return_dict: bool = True):
+        """Handoffs (batch_size, C, H, W), unclipped, for client `client_id`.
+
+        A CPU `generator` seeded s gives exactly the handoffs `collafuse sample --seed s` sends that client.
+        """
+        _check_output(output_type, HANDOFF_OUTPUTS)
+        y = self._to_cut(self.unet, client_id, batch_size, num_inference_steps or self.config.steps,
+                         sampler or self.config.sampler, generator)
+        y = y if output_type == "pt" else y.numpy()
+        return ImagePipelineOutput(images=y) if return_dict else (y,)
+
+
+class CollaFuseClientPipeline(_ChainPipeline):
+    """Handoffs -> images with one client's private model (levels t_c..1), optionally class-conditioned."""
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cut_level: int = 0, schedule: str = "linear",
+                 sampler: str = "ddim", steps: int = 10, client_id: int = 0):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, steps=steps,
+                                client_id=client_id)
+
+    @torch.no_grad()
+    def __call__(self, handoffs, class_labels=None, num_inference_steps: int | None = None,
+                 sampler: str | None = None, generator: torch.Generator | None = None, output_type: str = "pil",
+                 return_dict: bool = True):
+        """Images from handoffs at t_c (a tensor or array (n, C, H, W), e.g. CollaFuseServerPipeline's output).
+
+        A CPU `generator` seeded s + 1 finishes as `collafuse sample --seed s` does (Client.finish gets seed + 1).
+        A class-conditioned client needs `class_labels`: `collafuse sample` draws them from the client's own
+        records, which no export carries.
+        """
+        _check_output(output_type, IMAGE_OUTPUTS)
+        x = self._finish(self.unet, handoffs, class_labels, num_inference_steps or self.config.steps,
+                         sampler or self.config.sampler, generator)
+        images = self._images(x, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+class CollaFuseSplitPipeline(_ChainPipeline):
+    """Noise -> images through both parties, for whoever legitimately holds both (in-process research runs)."""
+
+    def __init__(self, server_unet: UNet2DModel, client_unet: UNet2DModel, scheduler: DDPMScheduler,
+                 cut_level: int = 0, schedule: str = "linear", sampler: str = "ddim", server_steps: int = 40,
+                 client_steps: int = 10, client_id: int = 0):
+        super().__init__()
+        self.register_modules(server_unet=server_unet, client_unet=client_unet, scheduler=scheduler)
+        self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, server_steps=server_steps,
+                                client_steps=client_steps, client_id=client_id)
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: int | None = None,
+                 client_inference_steps: int | None = None, sampler: str | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True):
+        """Images of client `client_id` (the config's) through the whole chain.
+
+        `seed` = s equals `collafuse sample --seed s` bit for bit on CPU: the server's side draws from a
+        generator seeded s, the client's from one seeded s + 1, as split_sample does. A `generator` instead
+        drives both sides from its one stream.
+        """
+        _check_output(output_type, IMAGE_OUTPUTS)
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed (reproduces collafuse sample) or generator, not both")
+        sampler = sampler or self.config.sampler
+        server_gen = torch.Generator().manual_seed(seed) if seed is not None else generator
+        client_gen = torch.Generator().manual_seed(seed + 1) if seed is not None else generator
+        y = self._to_cut(self.server_unet, self.config.client_id, batch_size,
+                         num_inference_steps or self.config.server_steps, sampler, server_gen)
+        x = self._finish(self.client_unet, y, class_labels, client_inference_steps or self.config.client_steps,
+                         sampler, client_gen)
+        images = self._images(x, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def pipeline_of(fed, part: str, client: int | None = None) -> DiffusionPipeline:
+    """The pipeline of one party of a built federation (sampling weights: the EMA where the run keeps one)."""
+    s = fed.cfg.sampling
+    for side in ("server", "client") if part == "split" else (part,):
+        if getattr(fed.cfg, side).prediction != "epsilon":  # the pipelines read the nets' output as noise
+            raise ValueError(f"this run's {side} predicts v ({side}.prediction=v); the exported pipelines step "
+                             f"ε-prediction models only: export runs with prediction epsilon")
+    common = dict(scheduler=chain_scheduler(fed.schedule), cut_level=fed.cut_level, schedule=fed.schedule.kind,
+                  sampler=s.sampler)
+    if part == "server":
+        return CollaFuseServerPipeline(fed.server.ema.model.unet, steps=s.server_steps, **common)
+    model = fed.clients[client].ema.model
+    if model.vector_embed is not None:
+        raise ValueError("this run's clients condition on attribute vectors (client.condition=attributes), whose "
+                         "projection is not a diffusers model; export runs with client.condition none or class")
+    if part == "client":
+        return CollaFuseClientPipeline(model.unet, steps=s.client_steps, client_id=client, **common)
+    return CollaFuseSplitPipeline(fed.server.ema.model.unet, model.unet, server_steps=s.server_steps,
+                                  client_steps=s.client_steps, client_id=client, **common)
+
+
+def export_run(run_dir: Path, part: str, out: Path, client: int | None = None) -> Path:
+    """Write one party of a trained run as a diffusers pipeline folder with a model card; returns the folder."""
+    from collafuse.config import load_config
+    from collafuse.federation.engine import CHECKPOINT
+    from collafuse.federation.inprocess import build, load_checkpoint
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; choose server (the operator's model), client (one client's "
+                         f"model, with --client K) or split (both, for a run that legitimately holds both)")
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.json: --run must be a run folder of `collafuse run`")
+    if not (run_dir / CHECKPOINT / "progress.json").is_file():
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: nothing to export; train the run first "
+                                f"(collafuse run --out {run_dir})")
+    cfg = load_config(str(run_dir / "config.json"))
+    if part == "server" and client is not None:
+        raise ValueError("--part server exports the model shared by every client; drop --client")
+    if part != "server" and not (client is not None and 0 <= client < cfg.data.clients):
+        raise ValueError(f"--part {part} needs --client K with K in 0..{cfg.data.clients - 1} (this run's clients), "
+                         f"got {client}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is not empty; export into a new folder, so that no other party's "
+                              f"weights linger there")
+    fed = build(cfg, device=torch.device("cpu"))
+    load_checkpoint(fed, run_dir)
+    pipe = pipeline_of(fed, part, client)
+    pipe.save_pretrained(out)
+    (out / "pipeline.py").write_text(f"from collafuse.export import {type(pipe).__name__}  # noqa: F401\n")
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    (out / "README.md").write_text(model_card(cfg, fed.cut_level, part, client, metrics))
+    return out
+
+
+# ---- the model card: YAML front matter as the Hugging Face Hub reads it, then the same numbers as tables
+
+WHO = {"server": "the server's shared model for the high-noise levels t_c+1..T; it makes handoffs at t_c for any "
+                 "client id and holds no client's model",
+       "client": "client {client}'s private model for the low-noise levels t_c..1; it turns handoffs into images and "
+                 "holds none of the server's weights",
+       "split": "the server's model and client {client}'s model, the whole chain, for a run that holds both"}
+USAGE = {"server": "handoffs = pipe(client_id=0, batch_size=16, generator=torch.Generator().manual_seed(0)).images",
+         "client": "images = pipe(handoffs, generator=torch.Generator().manual_seed(1)).images  # from the server",
+         "split": "images = pipe(batch_size=16, seed=0).images  # = collafuse sample --seed 0"}
+
+
+def _only(block: dict | None, clients: list[str]) -> dict | None:
+    """A metrics block with its run-wide entries and only the given clients' entries."""
+    if block is None:
+        return None
+    per = block.get("clients") or {}
+    return {**block, "clients": {c: per[c] for c in clients if c in per}}
+
+
+def _leaves(value, prefix: str = ""):
+    """(dotted key, scalar) for every scalar under a nested block, whatever keys it has."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{prefix}.{i}")
+    else:
+        yield prefix, value
+
+
+def _fmt(v) -> str:
+    """A table cell: 4 significant digits, "–" for null, no "|" that would split the cell."""
+    return f"{v:.4g}" if isinstance(v, float) else "–" if v is None else str(v).replace("|", "/")
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *("| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows)]
+
+
+def model_card(cfg, cut_level: int, part: str, client: int | None, metrics: dict | None) -> str:
+    """README.md of an export: Hub front matter (library, tags, the run's numbers) and a readable body."""
+    clients = [str(k) for k in range(cfg.data.clients)] if part == "server" else [str(client)]
+    m = metrics or {}
+    quality = {c: {k: q[k] for k in QUALITY_KEYS if k in q} for c, q in m.get("clients", {}).items() if c in clients}
+    dp, disclosure = _only(m.get("dp"), clients), m.get("disclosure")
+    run = {"part": part, "client": client, "cut": cfg.cut, "cut_level": cut_level, "T": cfg.schedule.T,
+           "schedule": cfg.schedule.kind, "sampler": cfg.sampling.sampler,
+           "data": {"name": cfg.data.name, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
+                    "clients": cfg.data.clients, "partition": cfg.data.partition},
+           "quality": quality, "dp": dp, "disclosure": disclosure}
+    front = {"library_name": "diffusers", "license": "other",  # the licence is the data owners' call: set it
+             "pipeline_tag": "unconditional-image-generation",
+             "tags": ["collafuse", "diffusion", "split-learning", "collaborative-learning", f"collafuse-{part}"],
+             "collafuse": run}
+    cls = {"server": CollaFuseServerPipeline, "client": CollaFuseClientPipeline, "split": CollaFuseSplitPipeline}[part]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
+             f"# CollaFuse {part} model", "",
+             f"Trained with [collafuse](https://arxiv.org/abs/2406.14429): {WHO[part].format(client=client)}. "
+             f"Cut c = {cfg.cut} (t_c = {cut_level} of T = {cfg.schedule.T}, {cfg.schedule.kind} schedule), data "
+             f"`{cfg.data.name}` ({cfg.data.image_size} px, {cfg.data.clients} clients, {cfg.data.partition} "
+             f"partition), sampler {cfg.sampling.sampler}.", "",
+             "```python", f"from collafuse.export import {cls.__name__}", "import torch", "",
+             f'pipe = {cls.__name__}.from_pretrained(".")', USAGE[part], "```", "",
+             "## Quality (each client's samples against its own held-out images)", ""]
+    if quality:
+        keys = [k for k in QUALITY_KEYS if any(k in q for q in quality.values())]
+        lines += _table(["client", *keys], [[c, *(q.get(k) for k in keys)] for c, q in quality.items()])
+    else:
+        lines.append("Not measured (the run has no metrics.json).")
+    lines += ["", "## Privacy of the handoffs: per-record (ε, δ)", ""]
+    if dp:
+        lines += ["Each handoff is a Gaussian mechanism on its record; ε composes every view the client released "
+                  "(replace-one DP: a record's content, not its presence). Small c gives large ε.", ""]
+        lines += _table(["client", "ε", "δ", "records released", "views released"],
+                        [[c, "unbounded" if d.get("epsilon") is None else d["epsilon"], d.get("delta"),
+                          d.get("records_released"), d.get("views_released")] for c, d in dp["clients"].items()])
+    else:
+        lines.append("No DP block in this run's metrics.")
+    lines += ["", "## Disclosure measured on this run (attacks on the handoffs and models)", ""]
+    if disclosure:
+        lines += _table(["measure", "value"], [list(leaf) for leaf in _leaves(disclosure)])
+    else:
+        lines.append("Not measured (eval.disclosure was off, or the run has no metrics.json).")
+    return "\n".join(lines) + "\n"
