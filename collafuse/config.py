@@ -11,6 +11,7 @@ from collafuse.core.models import ModelConfig
 from collafuse.core.recipe import LRSchedule, Objective
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.roles.policy import PrivacyPolicy
+from collafuse.roles.store import store_dtype
 
 
 @dataclass
@@ -68,6 +69,9 @@ class ServerConfig(TrainingRecipe):
     ema_decay: float = 0.995  # sampling weights: EMA over ~200 steps (0 = off)
     max_samples: int = 1024  # the most samples one client may ask for (bounds the work a request costs)
     max_records_per_client: int = 1_000_000  # the most records a client may declare (bounds its store)
+    # float32 | float16: how the handoff store keeps handoffs on disk; float16 halves it (11 significant bits).
+    # The server trains in float32 either way.
+    store_dtype: str = "float32"
 
 
 @dataclass
@@ -223,6 +227,7 @@ def validate(cfg: Config) -> None:
     NoiseSchedule(cfg.schedule.T, cfg.schedule.kind)  # raises on a schedule no chain can use
     if cfg.client.condition not in ("none", "class", "attributes"):
         raise ValueError(f"client.condition {cfg.client.condition!r} is unknown; choose none, class or attributes")
+    store_dtype(cfg.server.store_dtype)  # raises on a storage dtype the store does not know
     if cfg.handoff.mode not in ("once", "fresh"):
         raise ValueError(f"handoff.mode {cfg.handoff.mode!r} is unknown; choose once or fresh")
     if cfg.client.noise_secret not in NOISE_SECRETS:

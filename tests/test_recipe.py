@@ -63,14 +63,12 @@ def test_each_side_weighs_by_its_own_snr():
         x0 = client.images[idx]
         return x0, t, e, fed.schedule.noise(x0, t, e), None
 
-    handoffs, owners = server._handoff_pool()
-
     def server_draws(g):
-        idx = torch.randint(handoffs.shape[0], (server.batch_size,), generator=g)
+        idx = torch.randint(server.num_handoffs(), (server.batch_size,), generator=g)
         t = torch.randint(t_c + 1, fed.schedule.T + 1, (server.batch_size,), generator=g)
         e = torch.randn((server.batch_size, *server.image_shape), generator=g)
-        y = handoffs[idx]
-        return y, t, e, fed.schedule.renoise(y, t_c, t, e), owners[idx]
+        y, owners = server.store.batch(idx)
+        return y, t, e, fed.schedule.renoise(y, t_c, t, e), owners
 
     own = _one_step_by_hand(client, client_draws, lambda t: _min_snr(ab[t]))
     assert client.train(1) == pytest.approx(own, rel=1e-5)

@@ -33,6 +33,9 @@ from collafuse.roles.client import Client
 from collafuse.roles.server import Server
 
 CHECKPOINT = "checkpoint"
+# The server's handoff shards, beside the checkpoint that names them: swap_in replaces the checkpoint folder
+# every round, and the store must not be rewritten with it.
+HANDOFFS = "handoffs"
 ROUND, SAMPLE = "round", "sample"  # the two kinds of exchange
 
 
@@ -115,6 +118,7 @@ class Engine:
                  server: Server | None = None):
         self.cfg, self.out, self.transport = cfg, Path(out), transport
         self.server = server or make_server(cfg)
+        self.server.keep_handoffs_in(self.out / HANDOFFS)
         self.run_id = uuid.uuid4().hex
         self.round = 0
         self.n_train: dict[int, int] = {}  # what each client declared; bounds its record ids
@@ -138,11 +142,11 @@ class Engine:
         h, first, n = self.cfg.handoff, 0, 0
         if self.server.has_levels:
             if h.mode == "once":  # the views the server really holds: a lost store is asked for again
-                first = len({v for _, v in self.server.held_handoffs(cid)})
+                first = self.server.num_views(cid)
                 n = max(0, h.views - first)
             else:  # fresh: enough new views that each record the server draws this round is a new copy
                 # (one view until records arrived; the records really held, so no claim steers it)
-                total = len(self.server.received)
+                total = self.server.records_received()
                 first = self.next_view[cid]
                 n = max(1, math.ceil(self.cfg.server.steps_per_round * self.cfg.server.batch_size / total)) if total \
                     else 1
@@ -373,6 +377,7 @@ class Engine:
                 self.transport.state(folder)
             (folder / "progress.json").write_text(json.dumps(progress, indent=1))
         swap_in(self.out, CHECKPOINT, write)
+        self.server.store.prune()  # the shards only the previous checkpoint named
 
     def _load(self) -> None:
         ckpt = self.out / CHECKPOINT

@@ -25,7 +25,7 @@ from collafuse.core.state import load_state, save_state, swap_in
 from collafuse.core import protocol
 from collafuse.data import ClientSplit, ImageSet, client_splits, load_images
 from collafuse.data.condition import client_condition
-from collafuse.federation.engine import CHECKPOINT, ROUND, Engine, serve_round, serve_samples
+from collafuse.federation.engine import CHECKPOINT, HANDOFFS, ROUND, Engine, serve_round, serve_samples
 from collafuse.roles.client import Client
 from collafuse.roles.noise import load_or_create_secret, new_secret, pinned_secret
 from collafuse.roles.policy import ReleaseLedger
@@ -168,6 +168,7 @@ def load_checkpoint(fed: Federation, out: Path) -> None:
     ckpt = out / CHECKPOINT
     if not (ckpt / "progress.json").is_file():
         raise FileNotFoundError(f"no checkpoint in {out}: nothing to sample from; train the run first")
+    fed.server.keep_handoffs_in(out / HANDOFFS)
     fed.server.load(*load_state(ckpt / "server"))
     InProcessTransport(fed, out).load(ckpt)
     fed.round = json.loads((ckpt / "progress.json").read_text())["round"]

@@ -1,7 +1,7 @@
 """The server role: one shared model for the high-noise levels t_c+1..T, trained on handoffs only."""
 from __future__ import annotations
 
-from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -11,6 +11,7 @@ from collafuse.core.recipe import LRSchedule, Objective
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors, split_prefix
+from collafuse.roles.store import HandoffStore
 
 
 class Server:
@@ -20,7 +21,7 @@ class Server:
                  image_shape: tuple[int, int, int], model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
                  objective: Objective = Objective(), lr_schedule: LRSchedule = LRSchedule(),
                  client_cond: bool = True, ema_decay: float = 0.0, seed: int = 0,
-                 device: torch.device | str = "cpu",
+                 device: torch.device | str = "cpu", store_dtype: str = "float32",
                  max_message_bytes: int | None = None, max_samples: int = 1024):
         self.schedule, self.t_c = schedule, cut_level
         self.client_ids, self.image_shape = sorted(client_ids), tuple(image_shape)
@@ -39,10 +40,12 @@ class Server:
                              level=cut_level, max_samples=max_samples, max_steps=schedule.T,
                              handoff_bound=handoff_bound(float(schedule.alpha_bar[cut_level])),
                              **({"max_bytes": max_message_bytes} if max_message_bytes else {}))
-        # The handoff store, keyed by (client, record, view): a re-sent view replaces, never duplicates.
-        self._store: dict[tuple[int, int, int], torch.Tensor] = {}
-        self._pool: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.received = Counter()  # (client, record) -> handoffs received over the run
+        # The handoffs, keyed by (client, record, view): a re-sent view replaces, never duplicates. In memory
+        # until keep_handoffs_in gives it a run's folder.
+        self.store = HandoffStore(self.image_shape, store_dtype)
+        # client -> handoffs received over the run, by record id: 4 bytes a record, so neither memory nor
+        # checkpoint grows by more with the data set.
+        self.received: dict[int, torch.Tensor] = {}
         self.steps_done = 0
 
     @classmethod
@@ -54,54 +57,65 @@ class Server:
                    image_shape=image_shape, model=s.model, lr=s.lr, batch_size=s.batch_size, objective=s.objective(),
                    lr_schedule=s.lr_schedule(cfg.rounds * s.steps_per_round),
                    client_cond=s.client_cond, ema_decay=s.ema_decay, seed=cfg.seed, device=device,
-                   max_message_bytes=cfg.max_message_bytes, max_samples=s.max_samples)
+                   store_dtype=s.store_dtype, max_message_bytes=cfg.max_message_bytes, max_samples=s.max_samples)
 
     @property
     def has_levels(self) -> bool:
         """False at c = 1: the clients run the whole chain and need no handoffs."""
         return self.t_c < self.schedule.T
 
+    def keep_handoffs_in(self, folder: Path) -> None:
+        """Keep the handoff store on disk in `folder` (a run's), before anything is ingested or loaded."""
+        if len(self.store):
+            raise RuntimeError("the server already holds handoffs in memory; give it its folder before it ingests")
+        self.store = HandoffStore(self.image_shape, self.store.dtype_name, folder)
+
     def ingest(self, msg: HandoffBatch) -> None:
         """Keep a validated batch of handoffs (decode with self.limits before calling)."""
-        for rid, view, y in zip(msg.record_ids.tolist(), msg.views.tolist(), msg.handoffs):
-            self._store[(msg.client_id, rid, view)] = y.clone()
-            self.received[(msg.client_id, rid)] += 1
-        self._pool = None
+        keys = torch.stack([torch.full_like(msg.record_ids, msg.client_id), msg.record_ids, msg.views], 1)
+        self.store.add(keys, msg.handoffs)
+        before = self.received.get(msg.client_id, torch.zeros(0, dtype=torch.int32))
+        counts = torch.bincount(msg.record_ids, minlength=len(before)).int()
+        counts[:len(before)] += before
+        self.received[msg.client_id] = counts
 
     def forget(self, client_id: int) -> None:
         """Drop a client's handoffs (fresh mode replaces them every round)."""
-        self._store = {k: v for k, v in self._store.items() if k[0] != client_id}
-        self._pool = None
+        self.store.forget(client_id)
 
     def held_handoffs(self, client_id: int) -> dict[tuple[int, int], torch.Tensor]:
         """The handoffs held from one client, keyed (record, view): all an attacker on this server has of it."""
-        return {(r, v): y for (c, r, v), y in self._store.items() if c == client_id}
+        return self.store.held(client_id)
 
     def num_handoffs(self, client_id: int | None = None) -> int:
-        return sum(1 for k in self._store if client_id is None or k[0] == client_id)
+        keys = self.store.keys()
+        return len(keys) if client_id is None else int((keys[:, 0] == client_id).sum())
 
-    def _handoff_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._pool is None:
-            keys = sorted(self._store)
-            self._pool = (torch.stack([self._store[k] for k in keys]), torch.tensor([k[0] for k in keys]))
-        return self._pool
+    def records_received(self) -> int:
+        """How many (client, record) pairs sent at least one handoff over the run."""
+        return sum(int((n > 0).sum()) for n in self.received.values())
+
+    def num_views(self, client_id: int) -> int:
+        """How many different views of a client's records the server holds (without reading any handoff)."""
+        keys = self.store.keys()
+        return int(keys[keys[:, 0] == client_id, 2].unique().numel())
 
     def train(self, steps: int) -> float:
         """`steps` steps on levels t_c+1..T from stored handoffs; returns the mean loss (nan if nothing to do)."""
         if not self.has_levels or steps == 0:
             return float("nan")
-        if not self._store:
+        held = len(self.store)
+        if not held:
             raise RuntimeError("the server holds no handoffs yet: clients must send handoffs before it trains")
-        handoffs, owners = self._handoff_pool()
         self.model.train()
         total = 0.0
         for step in range(self.steps_done, self.steps_done + steps):
-            idx = torch.randint(handoffs.shape[0], (self.batch_size,), generator=self.gen)
+            idx = torch.randint(held, (self.batch_size,), generator=self.gen)
             t = torch.randint(self.t_c + 1, self.schedule.T + 1, (self.batch_size,), generator=self.gen)
             e = torch.randn((self.batch_size, *self.image_shape), generator=self.gen)
-            y = handoffs[idx]
+            y, owners = self.store.batch(idx)  # float32 whatever the store keeps
             x_t = self.schedule.renoise(y, self.t_c, t, e).to(self.device)
-            label = owners[idx].to(self.device) if self.client_cond else None
+            label = owners.to(self.device) if self.client_cond else None
             # The server's own process: data y, noise e', signal fraction ᾱ'; eps_fn rescales to full-chain noise.
             out = self.model(x_t, t.to(self.device), label)
             loss = self.objective.loss(out, self.schedule.server_alpha_bar(self.t_c, t), y, e)
@@ -130,21 +144,21 @@ class Server:
         return SamplingHandoffs(client_id=req.client_id, level=self.t_c, handoffs=x.float().cpu())
 
     def state(self) -> tuple[dict, dict]:
+        """Model, optimiser, random stream and progress; the store as its manifest (its shards stay where they are)."""
         tensors, meta = role_tensors(self.model, self.opt, self.gen)
-        keys = sorted(self._store)
-        if keys:
-            tensors["store/handoffs"] = torch.stack([self._store[k] for k in keys])
-            tensors["store/keys"] = torch.tensor(keys, dtype=torch.long)
+        store, manifest = self.store.state()
+        tensors.update({f"store/{k}": v for k, v in store.items()})
+        tensors.update({f"received/{c}": n for c, n in self.received.items()})
         tensors.update(self.ema.state())
-        meta.update(steps_done=self.steps_done, ema_updates=self.ema.updates, received=[[*k, v] for k, v in sorted(self.received.items())])
+        meta.update(steps_done=self.steps_done, ema_updates=self.ema.updates, store=manifest)
         return tensors, meta
 
     def load(self, tensors: dict, meta: dict) -> None:
+        if "store" not in meta:
+            raise ValueError("this checkpoint keeps its handoffs inside it (written before the shard store); "
+                             "finish it with the collafuse version that wrote it, or start a new run")
         load_role(self.model, self.opt, self.gen, tensors, meta)
         self.ema.load(tensors, meta["ema_updates"])
-        store = split_prefix(tensors, "store/")
-        self._store = ({tuple(k): y for k, y in zip(store["keys"].tolist(), store["handoffs"])}
-                       if store else {})
-        self._pool = None
+        self.store.load(split_prefix(tensors, "store/"), meta["store"])
         self.steps_done = meta["steps_done"]
-        self.received = Counter({(c, r): n for c, r, n in meta["received"]})
+        self.received = {int(c): n for c, n in split_prefix(tensors, "received/").items()}
