@@ -21,7 +21,7 @@ from collafuse.core.protocol import HandoffBatch, Refusal
 from collafuse.federation.engine import ROUND, Engine
 from collafuse.federation.flower.certs import key_fingerprint, load_client_keys, make_certificates
 from collafuse.federation.flower.cli import flower_app
-from collafuse.federation.flower.local import app_dir, app_run_config, run_local, start_clients
+from collafuse.federation.flower.local import app_dir, app_run_config, start_clients
 from collafuse.federation.flower.processes import LocalFederation, _descendants
 from collafuse.federation.flower.roles import (ClientPlace, bind_node, client_round, client_samples, open_client,
                                                place_from_configs, prepare_data)

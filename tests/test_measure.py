@@ -1,8 +1,5 @@
 """The disclosure, cost and DP blocks of metrics.json on tiny real runs (smoke preset, a few steps)."""
-import math
-
 import pytest
-import torch
 
 from collafuse.config import load_config
 from collafuse.federation.inprocess import run

@@ -15,7 +15,7 @@ from torch import nn
 from collafuse.measure.inception import (INCEPTION_SHA256, WeightsDownloadError, _tf_resize, cache_root, fetch_inception,
                                  inception_path)
 from collafuse.measure.evaluate import ClientEvaluation, quality_line, quality_verdict
-from collafuse.measure.quality import (DomainClassifier, evaluate_quality, feature_extractor, own_class_share,
+from collafuse.measure.quality import (evaluate_quality, feature_extractor, own_class_share,
                                pure_noise, train_domain_classifier)
 
 

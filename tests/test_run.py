@@ -45,14 +45,19 @@ def test_smoke_run_pinned_numbers(smoke_run):
     for cid, client in m["clients"].items():
         assert client["n_train"] == PINNED["n_train"][int(cid)]
         assert client["fid"] == pytest.approx(PINNED["fid"][int(cid)], rel=0.05)
-        assert 0.0 <= client["own_class_share"] <= 1.0
+        # samples of 32 in the client's own classes: the classifier's verdicts, so exact
+        assert client["own_class_share"] == PINNED["own_class_share"][int(cid)]
+        assert client["kid_score"] == pytest.approx(PINNED["kid_score"][int(cid)], abs=0.02)
+        assert client["failed"] is PINNED["failed"][int(cid)]  # client 1's samples score like pure noise by KID
 
 
 # Seeded smoke run on 1 thread (tests/conftest.py); thread counts move only the last digits. The handoff noise
 # is the PRF of the smoke preset's pinned test secret; bytes down include each round's RoundRequest (280 bytes);
 # bytes up include each client's sampling report with its quality floor and ceiling.
 PINNED = {"server_loss_round1": 0.510273, "client0_loss_round1": 0.994063, "bytes_up": 137440,
-          "bytes_down": 26928, "n_train": [162, 192, 126], "fid": [1.0277, 1.6709, 1.9660]}
+          "bytes_down": 26928, "n_train": [162, 192, 126], "fid": [1.0277, 1.6709, 1.9660],
+          "own_class_share": [23 / 32, 17 / 32, 19 / 32], "kid_score": [0.678, 0.025, 0.385],
+          "failed": [False, True, False]}
 
 
 def test_resume_equals_an_uninterrupted_run(smoke_run, tmp_path):

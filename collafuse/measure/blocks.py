@@ -114,7 +114,7 @@ def _kview(fed, sets, gen) -> dict:
 
 def _reconstruction(fed, sets, gen) -> dict:
     """Members' records from their handoffs: each attack's PSNR/SSIM and its gain over the mean image."""
-    sch, t_c, T, ab = fed.schedule, fed.cut_level, fed.schedule.T, fed.schedule.alpha_bar
+    t_c, T, ab = fed.cut_level, fed.schedule.T, fed.schedule.alpha_bar
     x = torch.cat([s["x_mem"] for s in sets])
     y = torch.cat([s["views"][0] for s in sets])
     reference = torch.cat([s["x_ref_sent"] for s in sets])

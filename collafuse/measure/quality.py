@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -280,7 +280,7 @@ def write_report(folders: list[str | Path], out: str | Path) -> Path:
     plots = _plots(rows, out)
     q = runs[0]["metrics"]["quality"]
     cfg = json.loads((runs[0]["folder"] / "config.json").read_text())
-    md = [f"# CollaFuse sweep report\n",
+    md = ["# CollaFuse sweep report\n",
           f"Data `{cfg['data']['name']}`, {cfg['data']['clients']} clients ({cfg['data']['partition']}), "
           f"T = {cfg['schedule']['T']}, {cfg['rounds']} rounds, seeds {', '.join(map(str, seeds))}: every "
           f"number is the mean ± sd over seeds. Quality: FID/KID with the "
