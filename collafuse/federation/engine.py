@@ -377,7 +377,7 @@ class Engine:
                 self.transport.state(folder)
             (folder / "progress.json").write_text(json.dumps(progress, indent=1))
         swap_in(self.out, CHECKPOINT, write)
-        self.server.store.prune()  # the shards only the previous checkpoint named
+        self.server.store.prune()  # shard files this checkpoint does not name: replaced, forgotten or torn
 
     def _load(self) -> None:
         ckpt = self.out / CHECKPOINT

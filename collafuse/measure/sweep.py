@@ -226,10 +226,11 @@ def sweep(cfg: Config, cuts: list[float], baselines: list[str], out: str | Path,
 
 
 def _check_same(r: RunSpec, folder: Path) -> None:
-    """A finished run is reused only if it ran exactly this sweep's config."""
+    """A finished run is reused only if it ran exactly this sweep's config (keys added since: their defaults)."""
+    from collafuse.config import load_config
     from collafuse.federation.fedavg import fedavg_config
     planned = json.loads(json.dumps((fedavg_config(r.cfg) if r.kind == "fedavg" else r.cfg).to_dict()))
-    saved = json.loads((folder / "config.json").read_text())
+    saved = json.loads(json.dumps(load_config(str(folder / "config.json")).to_dict()))
     diff = sorted(k for k in planned if planned[k] != saved.get(k))
     if diff:
         raise ValueError(f"{folder} holds a finished run with a different config ({diff}); "

@@ -44,7 +44,7 @@ class Server:
         # until keep_handoffs_in gives it a run's folder.
         self.store = HandoffStore(self.image_shape, store_dtype)
         # client -> handoffs received over the run, by record id: 4 bytes a record, so neither memory nor
-        # checkpoint grows by more with the data set.
+        # checkpoint grows by more than that with the data set.
         self.received: dict[int, torch.Tensor] = {}
         self.steps_done = 0
 
@@ -74,10 +74,14 @@ class Server:
         """Keep a validated batch of handoffs (decode with self.limits before calling)."""
         keys = torch.stack([torch.full_like(msg.record_ids, msg.client_id), msg.record_ids, msg.views], 1)
         self.store.add(keys, msg.handoffs)
-        before = self.received.get(msg.client_id, torch.zeros(0, dtype=torch.int32))
-        counts = torch.bincount(msg.record_ids, minlength=len(before)).int()
-        counts[:len(before)] += before
-        self.received[msg.client_id] = counts
+        counts = self.received.get(msg.client_id, torch.zeros(0, dtype=torch.int32))
+        if len(msg.record_ids) and int(msg.record_ids.max()) >= len(counts):
+            # Grown by doubling (zeros past the last record): one copy per message, as records arrive in order,
+            # would cost O(records x messages) and leave the heap full of ever larger holes.
+            size = max(int(msg.record_ids.max()) + 1, 2 * len(counts))
+            counts = torch.cat([counts, counts.new_zeros(size - len(counts))])
+        self.received[msg.client_id] = counts.index_add_(0, msg.record_ids,
+                                                         torch.ones(len(msg.record_ids), dtype=torch.int32))
 
     def forget(self, client_id: int) -> None:
         """Drop a client's handoffs (fresh mode replaces them every round)."""
@@ -88,6 +92,7 @@ class Server:
         return self.store.held(client_id)
 
     def num_handoffs(self, client_id: int | None = None) -> int:
+        """How many handoffs the server holds, from one client or from all."""
         keys = self.store.keys()
         return len(keys) if client_id is None else int((keys[:, 0] == client_id).sum())
 

@@ -4,9 +4,10 @@ Why safetensors shards: one well-kept format, the one every checkpoint here alre
 written once (temporary name, fsync, rename, directory fsync) and never changed, so a checkpoint names
 shards instead of copying them, and a torn write is only ever a file no checkpoint names. The format is
 an 8-byte little-endian header length, a JSON header (each tensor's dtype, shape and byte range), then
-the raw little-endian data: a shard's tensors are memory-mapped where they lie and a training batch
-reads only its own rows. (`torch.from_file` maps them rather than `numpy.memmap`, which keeps a file
-descriptor open per shard: a store of thousands of shards would hit the open-files limit.)
+the raw little-endian data: a shard's handoffs are memory-mapped where they lie and a training batch
+reads only its own rows (its keys, 24 bytes a row, are read: the index needs every one).
+`torch.from_file` maps them rather than `numpy.memmap`, which keeps a file descriptor open per shard:
+a store of thousands of shards would hit the open-files limit.
 
 A re-sent (client, record, view) replaces the older row; `forget` drops what a client sent so far (a
 tombstone: the client and the first shard that counts again). The live index is rebuilt from the
@@ -22,12 +23,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import save
+from safetensors.torch import save_file
 
 from collafuse.core.state import fsync_dir
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-FILE_DTYPES = {"I64": torch.int64, "F32": torch.float32, "F16": torch.float16}  # safetensors' dtype names
+FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16}  # safetensors' dtype names
 
 
 def store_dtype(name: str) -> torch.dtype:
@@ -48,16 +49,18 @@ def shard_name(seq: int) -> str:
 
 
 def map_shard(path: Path) -> Shard:
-    """A shard's tensors memory-mapped where the header says they lie: nothing is read until a row is used."""
+    """A shard from disk: its keys read (the index needs every one), its handoffs memory-mapped where the
+    header says they lie, so that nothing of them is read until a row is used."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
+        begin, end = header["keys"]["data_offsets"]
+        f.seek(8 + n + begin)
+        keys = torch.frombuffer(bytearray(f.read(end - begin)), dtype=torch.int64).view(-1, 3)
+    begin, end = header["handoffs"]["data_offsets"]  # safetensors pads the header: the data stays aligned
     data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)[8 + n:]
-
-    def tensor(name: str) -> torch.Tensor:
-        begin, end = header[name]["data_offsets"]  # safetensors pads the header so these stay aligned
-        return data[begin:end].view(FILE_DTYPES[header[name]["dtype"]]).view(header[name]["shape"])
-    return Shard(tensor("keys"), tensor("handoffs"))
+    handoffs = data[begin:end].view(FILE_DTYPES[header["handoffs"]["dtype"]]).view(header["handoffs"]["shape"])
+    return Shard(keys, handoffs)
 
 
 class HandoffStore:
@@ -75,20 +78,23 @@ class HandoffStore:
         """Keep a batch as one new shard: keys (N, 3) = client, record, view; handoffs (N, C, H, W)."""
         if not len(keys):
             return
-        shard = Shard(keys.to(torch.long, copy=True), handoffs.to(self.dtype, copy=True))
-        self._shards[self._next] = shard if self.folder is None else self._write(self._next, shard)
+        keys, handoffs = keys.long().contiguous(), handoffs.to(self.dtype).contiguous()
+        self._shards[self._next] = (Shard(keys.clone(), handoffs.clone()) if self.folder is None  # not the message's
+                                    else self._write(self._next, keys, handoffs))
         self._next += 1
         self._live = None
 
-    def _write(self, seq: int, shard: Shard) -> Shard:
-        """The shard durably on disk, then mapped from there (the batch itself is let go)."""
+    def _write(self, seq: int, keys: torch.Tensor, handoffs: torch.Tensor) -> Shard:
+        """The shard durably on disk, then mapped from there: the batch itself is not kept."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / shard_name(seq)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(save({k: v.contiguous() for k, v in shard._asdict().items()}))
-            f.flush()
-            os.fsync(f.fileno())
+        save_file({"keys": keys, "handoffs": handoffs}, str(tmp))  # straight from the tensors: no copy in RAM
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         fsync_dir(self.folder)  # a checkpoint may name it from now on: the rename must survive a crash
         return map_shard(path)
