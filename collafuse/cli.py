@@ -32,6 +32,9 @@ def run(config: Optional[str] = typer.Option(None, "--config", "-c", help="Prese
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<preset>)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        server_devices: Optional[int] = typer.Option(
+            None, "--server-devices", help="Train the server data-parallel on N processes (one GPU each on "
+            "CUDA, else CPU; gloo/nccl): same as --set server.devices=N. server.batch_size is the global batch."),
         threads: Optional[int] = THREADS):
     """Train clients and server in one process, then sample and measure every client."""
     _threads(threads)
@@ -42,6 +45,8 @@ def run(config: Optional[str] = typer.Option(None, "--config", "-c", help="Prese
             if out is None:
                 raise ValueError("--resume needs --out: the folder of the run to continue")
             config = str(out / "config.json")  # continue exactly the saved configuration
+        if server_devices is not None:
+            set_ = [*set_, f"server.devices={server_devices}"]
         cfg = load_config(config, set_)
         out = out or Path("runs") / Path(config or "default").stem
         metrics, _ = run_federation(cfg, out, resume=resume, progress=not quiet)

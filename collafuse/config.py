@@ -72,6 +72,9 @@ class ServerConfig(TrainingRecipe):
     # float32 | float16: how the handoff store keeps handoffs on disk; float16 halves it (11 significant bits).
     # The server trains in float32 either way.
     store_dtype: str = "float32"
+    # Processes the server trains on, data-parallel (federation/ddp.py): one GPU each on CUDA, else CPU
+    # processes. batch_size stays the global batch and must divide by it. Changes nothing but the speed.
+    devices: int = 1
 
 
 @dataclass
@@ -238,13 +241,16 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"client.steps_per_round must be an integer >= 1 or \"auto\" (steps follow the cut), "
                          f"got {steps!r}")
     for key in ("rounds", "handoff.views", "handoff.batch", "data.clients", "server.batch_size",
-                "server.max_samples", "server.max_records_per_client", "server.steps_per_round",
+                "server.max_samples", "server.max_records_per_client", "server.steps_per_round", "server.devices",
                 "client.full_chain_steps", "client.batch_size", "sampling.n", "eval.disclosure_records",
                 "eval.mia_draws"):
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if cfg.server.batch_size % cfg.server.devices:
+        raise ValueError(f"server.batch_size {cfg.server.batch_size} must divide by server.devices "
+                         f"{cfg.server.devices}: each device takes an equal share of the global batch")
     for side, steps in (("server", cfg.server.steps_per_round), ("client", cfg.client_steps)):
         recipe = getattr(cfg, side)
         try:

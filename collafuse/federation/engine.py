@@ -29,6 +29,7 @@ from collafuse.core.protocol import (ClientReport, HandoffBatch, Limits, Protoco
 from collafuse.core.sampling import level_grid
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_state, save_state, swap_in
+from collafuse.federation.ddp import train_data_parallel
 from collafuse.roles.client import Client
 from collafuse.roles.server import Server
 
@@ -105,9 +106,10 @@ def make_server(cfg: Config, device: torch.device | None = None) -> Server:
 
 
 def same_run(a: Config, b: Config) -> bool:
-    """Whether two configs describe the same run (only the number of rounds may grow on resume)."""
+    """Whether two configs describe the same run (only the rounds and the server's devices may change on resume)."""
     da, db = a.to_dict(), b.to_dict()
-    da.pop("rounds"), db.pop("rounds")
+    for d in (da, db):
+        d.pop("rounds"), d["server"].pop("devices")
     return da == db
 
 
@@ -227,7 +229,7 @@ class Engine:
         t1 = time.perf_counter()
         loss = None
         if self.server.has_levels and self.server.num_handoffs():
-            loss = self.server.train(self.cfg.server.steps_per_round)
+            loss = self.train_server(self.cfg.server.steps_per_round)
         self.seconds["server.train"] += time.perf_counter() - t1
         self.round += 1
         entry = {"round": self.round, "replied": sorted(replied), "refused": {str(c): r for c, r in refused.items()},
@@ -239,6 +241,13 @@ class Engine:
             f.write(json.dumps(entry) + "\n")
         self._save()
         return entry
+
+    def train_server(self, steps: int) -> float:
+        """The server's steps of a round: in this process, or data-parallel over server.devices processes."""
+        if self.cfg.server.devices == 1:
+            return self.server.train(steps)
+        losses = train_data_parallel(self.server, self.cfg, steps)
+        return sum(losses) / steps
 
     def run_rounds(self, *, progress: bool = False, echo=None) -> None:
         """Rounds until cfg.rounds, each checkpointed; a progress bar (in-process) or a line per round (echo)."""

@@ -166,7 +166,8 @@ def run_state(folder: Path) -> str:
 def _train_flops(r: RunSpec) -> float:
     """A run's planned training FLOPs, to start the longest runs first."""
     b, cfg = r.budget, r.cfg
-    client = b["server_step_flops"] if cfg.client.model == cfg.server.model else b["client_step_flops"]
+    server_sized = r.kind == "fedavg" or cfg.client.model == cfg.server.model  # fedavg_config swaps the model in
+    client = b["server_step_flops"] if server_sized else b["client_step_flops"]
     server = cfg.server.steps_per_round * b["server_step_flops"] if cfg.cut < 1 else 0
     return cfg.rounds * (server + cfg.data.clients * cfg.client_steps * client)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise
 from collafuse.core.protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest, handoff_bound
@@ -107,27 +108,43 @@ class Server:
 
     def train(self, steps: int) -> float:
         """`steps` steps on levels t_c+1..T from stored handoffs; returns the mean loss (nan if nothing to do)."""
+        losses = self.train_steps(steps)
+        return sum(losses) / steps if losses else float("nan")
+
+    def train_steps(self, steps: int, *, rank: int = 0, world: int = 1, model: nn.Module | None = None) -> list[float]:
+        """The steps of `train`, each step's loss ([] if nothing to do).
+
+        Data-parallel (federation/ddp.py): every one of the `world` ranks draws the whole global batch from the
+        one generator, so that W processes see exactly the batches of one, and computes the loss of its 1/W
+        slice through `model`, the wrapper of self.model that averages the gradients; the losses are the slice's.
+        """
         if not self.has_levels or steps == 0:
-            return float("nan")
+            return []
         held = len(self.store)
         if not held:
             raise RuntimeError("the server holds no handoffs yet: clients must send handoffs before it trains")
+        if self.batch_size % world:
+            raise ValueError(f"server.batch_size {self.batch_size} must divide by the {world} devices: each "
+                             f"takes an equal share of the global batch")
+        share = self.batch_size // world
+        mine = slice(rank * share, (rank + 1) * share)
+        net = self.model if model is None else model
         self.model.train()
-        total = 0.0
+        losses = []
         for step in range(self.steps_done, self.steps_done + steps):
-            idx = torch.randint(held, (self.batch_size,), generator=self.gen)
-            t = torch.randint(self.t_c + 1, self.schedule.T + 1, (self.batch_size,), generator=self.gen)
-            e = torch.randn((self.batch_size, *self.image_shape), generator=self.gen)
+            idx = torch.randint(held, (self.batch_size,), generator=self.gen)[mine]
+            t = torch.randint(self.t_c + 1, self.schedule.T + 1, (self.batch_size,), generator=self.gen)[mine]
+            e = torch.randn((self.batch_size, *self.image_shape), generator=self.gen)[mine]
             y, owners = self.store.batch(idx)  # float32 whatever the store keeps
             x_t = self.schedule.renoise(y, self.t_c, t, e).to(self.device)
             label = owners.to(self.device) if self.client_cond else None
             # The server's own process: data y, noise e', signal fraction ᾱ'; eps_fn rescales to full-chain noise.
-            out = self.model(x_t, t.to(self.device), label)
+            out = net(x_t, t.to(self.device), label)
             loss = self.objective.loss(out, self.schedule.server_alpha_bar(self.t_c, t), y, e)
-            total += optimise(self.opt, loss, self.lr * self.lr_schedule.factor(step))
+            losses.append(optimise(self.opt, loss, self.lr * self.lr_schedule.factor(step)))
             self.ema.update(self.model)
         self.steps_done += steps
-        return total / steps
+        return losses
 
     def eps_fn(self, client_id: int):
         """Full-chain noise prediction for the requesting client."""
