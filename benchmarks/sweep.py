@@ -1,15 +1,15 @@
 """The CollaFuse sweep on MNIST digits (5 non-IID clients): cuts, fair baselines, 3 seeds, two runs at a time.
 
-    .venv/bin/python benchmarks/sweep.py                              # the README table (2 cores)
+    .venv/bin/python benchmarks/sweep.py                              # the README table (54 min, 2 cores)
     .venv/bin/python benchmarks/sweep.py --cuts 0.2,1 --rounds 1 --baselines "" --seeds 0   # a quick check
     .venv/bin/python benchmarks/sweep.py --resume                     # continue an interrupted sweep
 
 The `default` preset (mnist at 16 px, 5 clients, Dirichlet alpha 0.5) with client.steps_per_round = auto
 (the client trains c x 60 steps per round: its compute follows its share of the chain), --rounds rounds,
-CollaFuse at c = 0, 0.2, 0.4 and 1 (local-only with the client's model), and the baselines local-4x,
-local-server, local-server-4x and FedAvg with EMA (budget rules: collafuse/measure/sweep.py), each with
-3 seeds, --jobs runs at a time on one thread each. Writes <out>/report/report.md and prints its summary
-table and the wall time of every run.
+CollaFuse at c = 0, 0.2, 0.4 and 1 (local-only with the client's model), and the baselines local-server
+and FedAvg with EMA (budget rules: collafuse/measure/sweep.py; --baselines adds local-4x and
+local-server-4x), each with 3 seeds, --jobs runs at a time on one thread each. Writes
+<out>/report/report.md and prints its summary table and the wall time of every run.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from collafuse.measure.sweep import parse_baselines, parse_cuts, parse_seeds, sw
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cuts", default="0,0.2,0.4,1")
-    p.add_argument("--baselines", default="local-4x,local-server,local-server-4x,fedavg")
+    p.add_argument("--baselines", default="local-server,fedavg",
+                   help="add local-4x,local-server-4x for the 4x budgets (~55 min more on 2 cores)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one per core)")
     p.add_argument("--rounds", type=int, default=3, help="training rounds per run (default preset: 6)")

@@ -246,11 +246,14 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         axes[0].annotate(r["name"], (x, r["kid_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].set(xlabel="re-identification rate of members (disclosure)", ylabel="mean KID (lower is better)",
                 title="Privacy / quality frontier")
-    # Quality per client compute: local-only at several budgets against CollaFuse at several cuts.
-    for kinds, label in ((("collafuse",), "CollaFuse (by cut)"), (("local",), "local-only (by budget)")):
-        pts = sorted([r for r in measured if r["kind"] in kinds and not (r["kind"] == "collafuse" and r["cut"] == 1)]
-                     + ([r for r in measured if r["kind"] == "collafuse" and r["cut"] == 1] if "local" in kinds else []),
-                     key=lambda r: r["client_flops"])
+    # Quality per client compute: local-only at several budgets (per model size) against CollaFuse at several cuts.
+    local = [r for r in measured if r["kind"] == "local" or (r["kind"] == "collafuse" and r["cut"] == 1)]
+    server_sized = [r for r in local if "server-sized" in (r["budget"] or "")]
+    series = (([r for r in measured if r["kind"] == "collafuse" and r["cut"] < 1], "CollaFuse (by cut)"),
+              ([r for r in local if r not in server_sized], "local-only, the client's model (by budget)"),
+              (server_sized, "local-only, the server-sized model (by budget)"))
+    for pts, label in series:
+        pts = sorted(pts, key=lambda r: r["client_flops"])
         if pts:
             axes[1].errorbar([r["client_flops"] / 1e9 for r in pts], [r["kid_mean"] for r in pts],
                              yerr=[r.get("kid_mean_sd") or 0 for r in pts], marker="o", capsize=3, label=label)
