@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from collafuse.config import Config
 from collafuse.core.schedule import NoiseSchedule
+from collafuse.core.state import load_state, save_state
 from collafuse.roles.server import Server
 
 # A rank silent this long (in the rendezvous or a step's all-reduce) has failed: the others stop waiting.
@@ -50,13 +51,14 @@ def train_data_parallel(server: Server, cfg: Config, steps: int) -> list[float]:
     check_devices(world, server.batch_size, cuda)
     if not server.has_levels or steps == 0:
         return []
-    tensors, meta = server.state()
-    # Copies: sending a tensor to a spawned process moves its storage into shared memory, rank 0's own too.
-    tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
     with tempfile.TemporaryDirectory() as tmp:
+        # The state goes through a file, not the spawn arguments: a tensor argument is fetched from rank 0's
+        # resource-sharer thread, which cannot run while rank 0 waits in the rendezvous (a deadlock, seen).
+        state = Path(tmp) / "server"
+        save_state(state, *server.state())
         init = f"file://{Path(tmp) / 'rendezvous'}"
         others = mp.start_processes(_replica, nprocs=world - 1, join=False, start_method="spawn",
-                                    args=(cfg, tensors, meta, server.store.folder, steps, init, cuda,
+                                    args=(cfg, state, server.store.folder, steps, init, cuda,
                                           torch.get_num_threads()))
         try:
             _join(0, world, init, server.device)
@@ -65,8 +67,8 @@ def train_data_parallel(server: Server, cfg: Config, steps: int) -> list[float]:
             for p in others.processes:  # they would wait for rank 0 until TIMEOUT
                 p.kill()
             raise
-        # Past the last all-reduce a replica has nothing left to do, yet one was once seen not to exit (cause not
-        # found, on a loaded 2-core machine): wait a while, then stop it. join raises a rank's own error.
+        # Past the last all-reduce a replica has nothing left to do: one that has not exited after a grace
+        # period is stopped, so a stuck replica can never hold up the run. join raises a rank's own error.
         deadline = time.monotonic() + EXIT_GRACE_S
         while not others.join(timeout=1):
             if time.monotonic() > deadline:
@@ -77,7 +79,7 @@ def train_data_parallel(server: Server, cfg: Config, steps: int) -> list[float]:
     return losses
 
 
-def _replica(index: int, cfg: Config, tensors: dict, meta: dict, folder: Path | None, steps: int, init: str,
+def _replica(index: int, cfg: Config, state: Path, folder: Path | None, steps: int, init: str,
              cuda: bool, threads: int) -> None:
     """Rank index+1: rank 0's server rebuilt from its state, trained in lockstep, then dropped."""
     torch.set_num_threads(threads)
@@ -88,7 +90,7 @@ def _replica(index: int, cfg: Config, tensors: dict, meta: dict, folder: Path | 
     server = Server.from_config(cfg, schedule=schedule, image_shape=cfg.image_shape, device=device)
     if folder is not None:
         server.keep_handoffs_in(folder)
-    server.load(tensors, meta)
+    server.load(*load_state(state))
     _train(server, cfg.server.devices, steps)
 
 
