@@ -1,11 +1,15 @@
 """Data-parallel server training: a round's server steps over W processes, gradients averaged by DDP.
 
-Rank 0 is this process and keeps the authoritative server (store, EMA, checkpoint). Ranks 1..W-1 are
-spawned for the round: each loads rank 0's state (weights, optimiser, generator, store manifest; the
-shards it maps from the run folder itself), trains in lockstep and exits, returning nothing, since the
-weights are the same on every rank. Every rank draws the whole global batch from the server's one
-generator and takes its slice (Server.train_steps), so W processes see exactly the batches of one: only
-the summation order of the gradients and losses changes. CPU: gloo; CUDA: nccl, rank r on cuda:r.
+Every rank is a worker process spawned for the round; this process only hands them the server's state and
+takes rank 0's back. Each worker rebuilds the server from that state (weights, optimiser, EMA, generator,
+store manifest; the shards it maps from the run folder itself), trains in lockstep and exits. Every rank
+draws the whole global batch from the server's one generator and takes its slice (Server.train_steps), so W
+processes see exactly the batches of one: only the summation order of the gradients and losses changes.
+CPU: gloo; CUDA: nccl, rank r on cuda:r.
+
+Why no rank here: tearing a gloo process group down while holding the GIL deadlocks when one of its worker
+threads is still releasing a tensor (it waits for the GIL, the teardown joins it; seen, in this process,
+at the next round). A worker that hangs in its teardown after rank 0 has written the result is killed.
 
 DDP rather than a hand-written all-reduce: it wraps self.model without replacing its parameters, so the
 optimiser and the EMA, which hold those parameters, work unchanged, and it overlaps the all-reduce with
@@ -52,64 +56,65 @@ def train_data_parallel(server: Server, cfg: Config, steps: int) -> list[float]:
     if not server.has_levels or steps == 0:
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        # The state goes through a file, not the spawn arguments: a tensor argument is fetched from rank 0's
-        # resource-sharer thread, which cannot run while rank 0 waits in the rendezvous (a deadlock, seen).
-        state = Path(tmp) / "server"
+        # State goes through files, not spawn arguments or return values: a tensor argument is served by this
+        # process's resource-sharer thread, and a file outlives a worker killed in its teardown.
+        state, result = Path(tmp) / "server", Path(tmp) / "result"
         save_state(state, *server.state())
-        init = f"file://{Path(tmp) / 'rendezvous'}"
-        others = mp.start_processes(_replica, nprocs=world - 1, join=False, start_method="spawn",
-                                    args=(cfg, state, server.store.folder, steps, init, cuda,
-                                          torch.get_num_threads()))
+        ranks = mp.start_processes(_rank, nprocs=world, join=False, start_method="spawn",
+                                   args=(cfg, state, server.store.folder, steps, f"file://{Path(tmp) / 'rendezvous'}",
+                                         result, cuda, torch.get_num_threads()))
         try:
-            _join(0, world, init, server.device)
-            losses = _train(server, world, steps)
-        except BaseException:
-            for p in others.processes:  # they would wait for rank 0 until TIMEOUT
-                p.kill()
-            raise
-        # Past the last all-reduce a replica has nothing left to do: one that has not exited after a grace
-        # period is stopped, so a stuck replica can never hold up the run. join raises a rank's own error.
-        deadline = time.monotonic() + EXIT_GRACE_S
-        while not others.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in others.processes:
+            _wait(ranks, result)
+        finally:
+            for p in ranks.processes:
+                if p.is_alive():
                     p.kill()
                     p.join()
-                break
-    return losses
+        tensors, meta = load_state(result)
+    server.load_training(tensors, meta)
+    return meta["losses"]
 
 
-def _replica(index: int, cfg: Config, state: Path, folder: Path | None, steps: int, init: str,
-             cuda: bool, threads: int) -> None:
-    """Rank index+1: rank 0's server rebuilt from its state, trained in lockstep, then dropped."""
+def _wait(ranks, result: Path) -> None:
+    """Until every rank has exited, or rank 0 has written the result and the others had EXIT_GRACE_S to exit.
+
+    ProcessContext.join raises a rank's own error (or its exit code); a rank stuck in a collective gives up
+    after TIMEOUT and raises there.
+    """
+    deadline = None
+    while not ranks.join(timeout=1):
+        if deadline is None and result.with_suffix(".json").exists():
+            deadline = time.monotonic() + EXIT_GRACE_S
+        if deadline is not None and time.monotonic() > deadline:
+            return
+    if not result.with_suffix(".json").exists():
+        raise RuntimeError("the data-parallel ranks exited without rank 0's result")
+
+
+def _rank(rank: int, cfg: Config, state: Path, folder: Path | None, steps: int, init: str, result: Path,
+          cuda: bool, threads: int) -> None:
+    """One rank: the server rebuilt from its state, trained in lockstep; rank 0 writes what it trained."""
     torch.set_num_threads(threads)
-    rank = index + 1
+    world = cfg.server.devices
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    _join(rank, cfg.server.devices, init, device)  # first: a failure below then stops rank 0 at once
-    schedule = NoiseSchedule(cfg.schedule.T, cfg.schedule.kind)
-    server = Server.from_config(cfg, schedule=schedule, image_shape=cfg.image_shape, device=device)
-    if folder is not None:
-        server.keep_handoffs_in(folder)
-    server.load(*load_state(state))
-    _train(server, cfg.server.devices, steps)
-
-
-def _join(rank: int, world: int, init: str, device: torch.device) -> None:
-    """Enter the round's process group: gloo on CPU, nccl on CUDA (its communicator uses the current device)."""
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank,
-                            world_size=world, timeout=TIMEOUT)
-
-
-def _train(server: Server, world: int, steps: int) -> list[float]:
-    """This rank's slice of every step, DDP averaging the gradients; each step's loss on the global batch."""
+    if cuda:
+        torch.cuda.set_device(device)  # nccl's communicator uses the current device
+    # First: a failure below then stops the other ranks at once instead of after TIMEOUT.
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=TIMEOUT)
     try:
+        schedule = NoiseSchedule(cfg.schedule.T, cfg.schedule.kind)
+        server = Server.from_config(cfg, schedule=schedule, image_shape=cfg.image_shape, device=device)
+        if folder is not None:
+            server.keep_handoffs_in(folder)
+        server.load(*load_state(state))
         # DDP first broadcasts rank 0's weights: every rank starts the round from the same ones.
         model = DistributedDataParallel(server.model)
-        losses = torch.tensor(server.train_steps(steps, rank=dist.get_rank(), world=world, model=model),
-                              dtype=torch.float64, device=server.device)
+        losses = torch.tensor(server.train_steps(steps, rank=rank, world=world, model=model),
+                              dtype=torch.float64, device=device)
         dist.all_reduce(losses)  # equal slices: the global batch's mean loss is the mean of theirs
-        return (losses / world).tolist()
+        if rank == 0:
+            tensors, meta = server.training_state()
+            save_state(result, tensors, {**meta, "losses": (losses / world).tolist()})
     finally:
         dist.destroy_process_group()

@@ -165,22 +165,31 @@ class Server:
                           self.schedule, eta_of(req.sampler), g)
         return SamplingHandoffs(client_id=req.client_id, level=self.t_c, handoffs=x.float().cpu())
 
-    def state(self) -> tuple[dict, dict]:
-        """Model, optimiser, random stream and progress; the store as its manifest (its shards stay where they are)."""
+    def training_state(self) -> tuple[dict, dict]:
+        """What training changes: model, optimiser, EMA, random stream and step count."""
         tensors, meta = role_tensors(self.model, self.opt, self.gen)
+        tensors.update(self.ema.state())
+        meta.update(steps_done=self.steps_done, ema_updates=self.ema.updates)
+        return tensors, meta
+
+    def load_training(self, tensors: dict, meta: dict) -> None:
+        load_role(self.model, self.opt, self.gen, tensors, meta)
+        self.ema.load(tensors, meta["ema_updates"])
+        self.steps_done = meta["steps_done"]
+
+    def state(self) -> tuple[dict, dict]:
+        """The training state and what was received; the store as its manifest (its shards stay where they are)."""
+        tensors, meta = self.training_state()
         store, manifest = self.store.state()
         tensors.update({f"store/{k}": v for k, v in store.items()})
         tensors.update({f"received/{c}": n for c, n in self.received.items()})
-        tensors.update(self.ema.state())
-        meta.update(steps_done=self.steps_done, ema_updates=self.ema.updates, store=manifest)
+        meta.update(store=manifest)
         return tensors, meta
 
     def load(self, tensors: dict, meta: dict) -> None:
         if "store" not in meta:
             raise ValueError("this checkpoint keeps its handoffs inside it (written before the shard store); "
                              "finish it with the collafuse version that wrote it, or start a new run")
-        load_role(self.model, self.opt, self.gen, tensors, meta)
-        self.ema.load(tensors, meta["ema_updates"])
+        self.load_training(tensors, meta)
         self.store.load(split_prefix(tensors, "store/"), meta["store"])
-        self.steps_done = meta["steps_done"]
         self.received = {int(c): n for c, n in split_prefix(tensors, "received/").items()}
