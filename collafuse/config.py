@@ -135,6 +135,9 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     max_message_bytes: int = 64 * 2**20
+    # In-process runs: clients of one architecture train in one vectorised step (roles/cohort.py); the same
+    # result as one by one up to float rounding, ~5x faster at 100 clients. Flower clients train alone.
+    batch_clients: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,6 +251,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section) if section else cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if not isinstance(cfg.batch_clients, bool):
+        raise ValueError(f"batch_clients must be true or false, got {cfg.batch_clients!r}")
     if cfg.server.batch_size % cfg.server.devices:
         raise ValueError(f"server.batch_size {cfg.server.batch_size} must divide by server.devices "
                          f"{cfg.server.devices}: each device takes an equal share of the global batch")

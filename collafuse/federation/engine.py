@@ -63,14 +63,22 @@ def sampling_seed(cfg: Config, client_id: int) -> int:
     return cfg.seed * 7 + client_id
 
 
-def serve_round(client: Client, cfg: Config, blob: bytes) -> list[bytes]:
-    """A client's answer to a RoundRequest, as its policy allows; a refusal carries nothing but the reason."""
-    from collafuse.measure.cost import client_step_flops  # the client measures its own compute
+def read_round_request(client: Client, cfg: Config, blob: bytes) -> RoundRequest:
+    """The RoundRequest in `blob`, checked against what the client accepts (ProtocolError otherwise)."""
     limits = dataclasses.replace(client_limits(client, cfg), level=None)  # the policy judges the level
-    req = protocol.decode(blob, limits, expect=RoundRequest)
+    return protocol.decode(blob, limits, expect=RoundRequest)
+
+
+def serve_round(client: Client, cfg: Config, blob: bytes, trained: tuple[float, float] | None = None) -> list[bytes]:
+    """A client's answer to a RoundRequest, as its policy allows; a refusal carries nothing but the reason.
+
+    `trained`: the round's steps were already taken together with other simulated clients (roles/cohort.py).
+    """
+    from collafuse.measure.cost import client_step_flops  # the client measures its own compute
+    req = read_round_request(client, cfg, blob)
     s = cfg.sampling
     sampling = client.sampling_request(s.n, s.server_steps, s.sampler, seed=sampling_seed(cfg, client.id))
-    reply = client.answer(req, handoff_batch=cfg.handoff.batch, sampling=sampling)
+    reply = client.answer(req, handoff_batch=cfg.handoff.batch, sampling=sampling, trained=trained)
     if isinstance(reply[0], ClientReport):
         train_step, _ = client_step_flops(client, s.n)
         reply[0] = dataclasses.replace(reply[0], metrics={**reply[0].metrics,
@@ -106,10 +114,11 @@ def make_server(cfg: Config, device: torch.device | None = None) -> Server:
 
 
 def same_run(a: Config, b: Config) -> bool:
-    """Whether two configs describe the same run (only the rounds and the server's devices may change on resume)."""
+    """Whether two configs describe the same run (the rounds, the server's devices and batch_clients may change
+    on resume: the last two change how the steps run, not what they compute)."""
     da, db = a.to_dict(), b.to_dict()
     for d in (da, db):
-        d.pop("rounds"), d["server"].pop("devices")
+        d.pop("rounds"), d.pop("batch_clients"), d["server"].pop("devices")
     return da == db
 
 

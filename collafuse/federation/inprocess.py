@@ -25,8 +25,10 @@ from collafuse.core.state import load_state, save_state, swap_in
 from collafuse.core import protocol
 from collafuse.data import ClientSplit, ImageSet, client_splits, load_images
 from collafuse.data.condition import client_condition
-from collafuse.federation.engine import CHECKPOINT, HANDOFFS, ROUND, Engine, serve_round, serve_samples
+from collafuse.federation.engine import (CHECKPOINT, HANDOFFS, ROUND, Engine, read_round_request, serve_round,
+                                         serve_samples)
 from collafuse.roles.client import Client
+from collafuse.roles.cohort import cohort_key, train_together
 from collafuse.roles.noise import load_or_create_secret, new_secret, pinned_secret
 from collafuse.roles.policy import ReleaseLedger
 from collafuse.roles.server import Server
@@ -134,6 +136,7 @@ class InProcessTransport:
         return [c.id for c in self.fed.clients]
 
     def exchange(self, kind: str, requests: dict[int, bytes]) -> dict[int, list[bytes]]:
+        trained = self.train_cohorts(requests) if kind == ROUND and self.fed.cfg.batch_clients else {}
         replies = {}
         for cid, blob in tqdm(requests.items(), desc=f"{kind}: clients", unit="client", leave=False,
                               disable=not self.progress):
@@ -141,12 +144,32 @@ class InProcessTransport:
             wire.carry("down", cid, blob)
             t0 = time.perf_counter()
             if kind == ROUND:
-                reply = serve_round(client, self.fed.cfg, blob)
+                reply = serve_round(client, self.fed.cfg, blob, trained=trained.get(cid))
             else:
                 reply = serve_samples(client, self.fed.cfg, blob, (self.evaluations or {}).get(cid), self.out)
             self.fed.seconds[f"client{cid}.{'train' if kind == ROUND else 'sample'}"] += time.perf_counter() - t0
             replies[cid] = [wire.carry("up", cid, b) for b in reply]
         return replies
+
+    def train_cohorts(self, requests: dict[int, bytes]) -> dict[int, tuple[float, float]]:
+        """The round's steps of every client that will accept its request, together where clients share a
+        cohort_key; client id -> (mean loss, seconds). A client that refuses trains nothing, as in serve_round;
+        one alone in its cohort trains there."""
+        cohorts: dict[tuple, tuple[int, list[Client]]] = {}
+        for cid, blob in requests.items():
+            client = self.fed.clients[cid]
+            req = read_round_request(client, self.fed.cfg, blob)
+            key = cohort_key(client, req.steps)
+            if key is not None and client.accepts(req):
+                cohorts.setdefault(key, (req.steps, []))[1].append(client)
+        trained = {}
+        groups = [(steps, members) for steps, members in cohorts.values() if len(members) > 1]
+        with tqdm(total=sum(len(m) for _, m in groups), desc="train: clients together", unit="client",
+                  leave=False, disable=not self.progress or not groups) as bar:
+            for steps, members in groups:
+                results = train_together(members, steps, on_step=lambda: bar.update(len(members) / steps))
+                trained.update({client.id: result for client, result in zip(members, results)})
+        return trained
 
     def state(self, folder: Path) -> None:
         """The clients' models and progress go into the run's checkpoint (one trust domain)."""

@@ -119,17 +119,29 @@ class Client:
             self.ledger.plan(self.digests, self.release(), views, self.policy)
         return views
 
-    def answer(self, req: RoundRequest, *, handoff_batch: int, sampling: SamplingRequest) -> list:
+    def accepts(self, req: RoundRequest) -> bool:
+        """Whether this client's policy and ledger allow the request (answer then trains and sends)."""
+        try:
+            if self.t_c < self.schedule.T:
+                self.check(req)
+        except PolicyViolation:
+            return False
+        return True
+
+    def answer(self, req: RoundRequest, *, handoff_batch: int, sampling: SamplingRequest,
+               trained: tuple[float, float] | None = None) -> list:
         """One round as the server asked, if the policy allows: local steps, then the handoffs.
 
         Replies [ClientReport, SamplingRequest, HandoffBatch...], or [Refusal] with nothing else: a refused
-        request costs no training and releases nothing.
+        request costs no training and releases nothing. `trained` (mean loss, seconds): the round's steps were
+        already taken, for a request this client accepts (roles/cohort.py trains simulated clients together).
         """
         try:
             views = self.check(req) if self.t_c < self.schedule.T else []
-            t0 = time.perf_counter()
-            loss = self.train(req.steps)
-            seconds = time.perf_counter() - t0
+            if trained is None:
+                t0 = time.perf_counter()
+                trained = self.train(req.steps), time.perf_counter() - t0
+            loss, seconds = trained
             # planned again there: another process of this client may have released meanwhile
             batches = self.make_handoffs(views, handoff_batch, run=req.run, round=req.round)
         except PolicyViolation as e:
