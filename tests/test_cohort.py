@@ -1,0 +1,81 @@
+"""Simulated clients trained together (roles/cohort.py) end where one-by-one training ends, up to float rounding."""
+import json
+
+import pytest
+import torch
+
+from collafuse.config import load_config
+from collafuse.federation.inprocess import build, run, start
+from collafuse.roles.cohort import cohort_key, train_together
+
+PROBE = torch.Generator().manual_seed(5)
+X, T, LABELS = torch.randn(16, 1, 8, 8, generator=PROBE), torch.randint(1, 20, (16,), generator=PROBE), \
+    torch.randint(0, 10, (16,), generator=PROBE)
+
+
+def outputs(client, model):
+    with torch.no_grad():
+        return model(X, T, None if client.condition is None else LABELS)
+
+
+@pytest.mark.parametrize("overrides", [[], ["client.condition=class", "client.model.attention=true",
+                                            "client.prediction=v", "client.loss_weighting=min-snr",
+                                            "client.lr_warmup_steps=3"]])
+def test_together_equals_one_by_one(overrides):
+    cfg = load_config("smoke", ["data.clients=4", *overrides])
+    alone, together = build(cfg), build(cfg)
+    for _ in range(2):  # the second call starts from the first's optimiser moments and EMA
+        expected = [c.train(5) for c in alone.clients]
+        got = train_together(together.clients, 5)
+        assert [loss for loss, _ in got] == pytest.approx(expected, rel=1e-5)
+        assert all(seconds > 0 for _, seconds in got)
+    for a, b in zip(alone.clients, together.clients):
+        # The functions agree; single weights may not: a bias in front of a GroupNorm has a zero gradient up to
+        # rounding, which Adam scales to full-size steps in either run.
+        for model_a, model_b in ((a.model, b.model), (a.ema.model, b.ema.model)):
+            torch.testing.assert_close(outputs(b, model_b), outputs(a, model_a), rtol=1e-4, atol=1e-5)
+        assert torch.equal(a.gen.get_state(), b.gen.get_state())
+        assert (a.steps_done, a.ema.updates) == (b.steps_done, b.ema.updates) == (10, 10)
+        state_a, state_b = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
+        assert state_a.keys() == state_b.keys() and all(state_b[i]["step"] == 10 for i in state_b)
+    # and each client's own weights went back to it: they differ between clients
+    first, second = together.clients[:2]
+    assert not torch.allclose(outputs(first, first.model), outputs(second, second.model))
+
+
+def test_clients_that_cannot_share_a_step_are_refused():
+    fed = build(load_config("smoke", ["data.clients=3"]))
+    fed.clients[2].train(1)  # one step ahead: another learning rate, another Adam step
+    assert cohort_key(fed.clients[0], 5) == cohort_key(fed.clients[1], 5) != cohort_key(fed.clients[2], 5)
+    with pytest.raises(ValueError, match="one cohort_key"):
+        train_together(fed.clients, 5)
+    assert cohort_key(fed.clients[0], 0) is None
+    assert cohort_key(build(load_config("smoke", ["cut=0"])).clients[0], 5) is None  # no levels to train
+
+
+def test_a_run_with_clients_together_reports_what_one_by_one_reports(tmp_path):
+    metrics = {}
+    for together in (True, False):
+        out = tmp_path / str(together)
+        run(load_config("smoke", ["rounds=1", f"batch_clients={str(together).lower()}", "eval.disclosure=false"]),
+            out, progress=False)
+        metrics[together] = json.loads((out / "metrics.json").read_text())
+    log_t, log_o = (metrics[k]["participation"]["log"][0]["loss"] for k in (True, False))
+    assert log_t == pytest.approx(log_o, rel=1e-4)
+    for cid, one in metrics[False]["clients"].items():
+        assert metrics[True]["clients"][cid]["kid_mean"] == pytest.approx(one["kid_mean"], rel=1e-3, abs=1e-4)
+
+
+def test_a_client_that_refuses_trains_nothing_when_the_others_train_together(tmp_path):
+    # Client 1's owner allows no cut below 0.4; the run's cut is 0.2: it refuses, untrained, and says why.
+    cfg = load_config("smoke", ["rounds=1"])
+    engine, fed, _ = start(cfg, tmp_path)
+    fed.clients[1].policy = type(fed.clients[1].policy)(min_cut=0.4)
+    entry = engine.run_round()
+    assert entry["replied"] == [0, 2] and "min_cut=0.4" in entry["refused"]["1"]
+    assert [c.steps_done for c in fed.clients] == [10, 0, 10]
+
+
+def test_batch_clients_must_be_a_boolean():
+    with pytest.raises(ValueError, match="batch_clients must be true or false, got 'yes'"):
+        load_config("smoke", ["batch_clients=yes"])
