@@ -164,8 +164,11 @@ class InProcessTransport:
                 cohorts.setdefault(key, (req.steps, []))[1].append(client)
         trained = {}
         groups = [(steps, members) for steps, members in cohorts.values() if len(members) > 1]
+        # Each step advances its clients by 1/steps: the count is shown whole, the rate in clients/s.
         with tqdm(total=sum(len(m) for _, m in groups), desc="train: clients together", unit="client",
-                  leave=False, disable=not self.progress or not groups) as bar:
+                  leave=False, disable=not self.progress or not groups,
+                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, "
+                             "{rate_fmt}]") as bar:
             for steps, members in groups:
                 results = train_together(members, steps, on_step=lambda: bar.update(len(members) / steps))
                 trained.update({client.id: result for client, result in zip(members, results)})
