@@ -135,9 +135,11 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     max_message_bytes: int = 64 * 2**20
-    # In-process runs: clients of one architecture train in one vectorised step (roles/cohort.py); the same
-    # result as one by one up to float rounding, ~5x faster at 100 clients. Flower clients train alone.
-    batch_clients: bool = True
+    # In-process runs: clients of one architecture train in one vectorised step (roles/cohort.py), the same
+    # result as one by one up to float rounding. It pays where a client's step is overhead (5.6x at 100 smoke
+    # clients, 8 px, batch 32) and costs where it is compute (the default preset's 16 px batch-64 clients on
+    # one CPU thread: 1.3x slower; equal on two): so off unless asked. Flower clients always train alone.
+    batch_clients: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from collafuse.config import load_config
-from collafuse.federation.inprocess import build, run, start
+from collafuse.federation import inprocess
+from collafuse.federation.inprocess import build, run
 from collafuse.roles.cohort import cohort_key, train_together
 
 PROBE = torch.Generator().manual_seed(5)
@@ -66,14 +67,19 @@ def test_a_run_with_clients_together_reports_what_one_by_one_reports(tmp_path):
         assert metrics[True]["clients"][cid]["kid_mean"] == pytest.approx(one["kid_mean"], rel=1e-3, abs=1e-4)
 
 
-def test_a_client_that_refuses_trains_nothing_when_the_others_train_together(tmp_path):
+def test_a_client_that_refuses_trains_nothing_when_the_others_train_together(tmp_path, monkeypatch):
     # Client 1's owner allows no cut below 0.4; the run's cut is 0.2: it refuses, untrained, and says why.
-    cfg = load_config("smoke", ["rounds=1"])
-    engine, fed, _ = start(cfg, tmp_path)
+    cohorts = []
+
+    def spy(clients, steps, on_step=None):
+        cohorts.append([c.id for c in clients])
+        return train_together(clients, steps, on_step)
+    monkeypatch.setattr(inprocess, "train_together", spy)
+    engine, fed, _ = inprocess.start(load_config("smoke", ["rounds=1", "batch_clients=true"]), tmp_path)
     fed.clients[1].policy = type(fed.clients[1].policy)(min_cut=0.4)
     entry = engine.run_round()
     assert entry["replied"] == [0, 2] and "min_cut=0.4" in entry["refused"]["1"]
-    assert [c.steps_done for c in fed.clients] == [10, 0, 10]
+    assert cohorts == [[0, 2]] and [c.steps_done for c in fed.clients] == [10, 0, 10]
 
 
 def test_batch_clients_must_be_a_boolean():
