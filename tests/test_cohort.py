@@ -80,6 +80,7 @@ def test_a_client_that_refuses_trains_nothing_when_the_others_train_together(tmp
     entry = engine.run_round()
     assert entry["replied"] == [0, 2] and "min_cut=0.4" in entry["refused"]["1"]
     assert cohorts == [[0, 2]] and [c.steps_done for c in fed.clients] == [10, 0, 10]
+    assert fed.seconds["client0.train"] >= engine.reports[0]["train_seconds"] > 0  # its share is counted
 
 
 def test_batch_clients_must_be_a_boolean():

@@ -147,7 +147,10 @@ class InProcessTransport:
                 reply = serve_round(client, self.fed.cfg, blob, trained=trained.get(cid))
             else:
                 reply = serve_samples(client, self.fed.cfg, blob, (self.evaluations or {}).get(cid), self.out)
-            self.fed.seconds[f"client{cid}.{'train' if kind == ROUND else 'sample'}"] += time.perf_counter() - t0
+            # a client trained together with others adds its share of that step's time
+            share = trained[cid][1] if cid in trained else 0.0
+            phase = "train" if kind == ROUND else "sample"
+            self.fed.seconds[f"client{cid}.{phase}"] += time.perf_counter() - t0 + share
             replies[cid] = [wire.carry("up", cid, b) for b in reply]
         return replies
 
