@@ -87,3 +87,21 @@ def test_errors():
     layer = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="scalar loss"):
         train_step_flops(layer, lambda: layer(torch.zeros(3, 2)))
+
+
+def test_a_step_is_counted_once_per_architecture(monkeypatch):
+    from collafuse.config import load_config
+    from collafuse.federation.inprocess import build
+    from collafuse.measure import cost
+    counted = []
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return real(*args, **kwargs)
+    real = cost._count_step_flops
+    monkeypatch.setattr(cost, "_STEP_FLOPS", {})
+    monkeypatch.setattr(cost, "_count_step_flops", counting)
+    a, b = build(load_config("smoke")).clients[:2]
+    assert cost.client_step_flops(a, 8) == cost.client_step_flops(b, 8) and len(counted) == 1
+    cost.client_step_flops(a, 16)  # another sampling batch is another count
+    assert len(counted) == 2

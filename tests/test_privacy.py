@@ -146,3 +146,11 @@ def test_clip_errors():
         clip_records(torch.zeros(4), 1.0)
     with pytest.raises(ValueError, match="record_shape"):
         range_clip_norm((0, 28, 28))
+
+
+def test_a_composition_is_accounted_once_per_process():
+    from collafuse.roles.privacy import _composed_epsilon, releases_epsilon
+    first = releases_epsilon([3.0, 2.0, 3.0], 1e-5)
+    hits = _composed_epsilon.cache_info().hits
+    assert releases_epsilon([3.0, 3.0, 2.0], 1e-5) == first  # the same multiset, in another order
+    assert _composed_epsilon.cache_info().hits == hits + 1
