@@ -168,17 +168,26 @@ class Client:
         self.model.train()
         total = 0.0
         for step in range(self.steps_done, self.steps_done + steps):
-            idx = torch.randint(self.num_records, (self.batch_size,), generator=self.gen)
-            t = torch.randint(1, self.t_c + 1, (self.batch_size,), generator=self.gen)
-            eps = torch.randn((self.batch_size, *self.images.shape[1:]), generator=self.gen)
-            x0 = self.images[idx]
-            x_t = self.schedule.noise(x0, t, eps).to(self.device)
-            cond = self.condition[idx].to(self.device) if self.condition is not None else None
-            loss = self.objective.loss(self.model(x_t, t.to(self.device), cond), self.schedule.alpha_bar[t], x0, eps)
+            x_t, t, cond, a, x0, eps = self.draw_batch()
+            loss = self.objective.loss(self.model(x_t, t, cond), a, x0, eps)
             total += optimise(self.opt, loss, self.lr * self.lr_schedule.factor(step))
             self.ema.update(self.model)
         self.steps_done += steps
         return total / steps
+
+    def draw_batch(self) -> tuple:
+        """One training step's batch from this client's generator: (x_t, t, cond, ᾱ(t), x0, eps).
+
+        The one place that fixes the draw order: training together (roles/cohort.py) equals training alone
+        because both draw through here.
+        """
+        idx = torch.randint(self.num_records, (self.batch_size,), generator=self.gen)
+        t = torch.randint(1, self.t_c + 1, (self.batch_size,), generator=self.gen)
+        eps = torch.randn((self.batch_size, *self.images.shape[1:]), generator=self.gen)
+        x0 = self.images[idx]
+        x_t = self.schedule.noise(x0, t, eps).to(self.device)
+        cond = self.condition[idx].to(self.device) if self.condition is not None else None
+        return x_t, t.to(self.device), cond, self.schedule.alpha_bar[t], x0, eps
 
     def eps_fn(self, cond: torch.Tensor | None):
         """Noise prediction of the sampling (EMA) weights for levels <= t_c."""

@@ -4,9 +4,11 @@ A client's step on a small denoiser is all overhead (68 ms for a 42 k-parameter 
 core, measured, whatever the batch); N clients one after another pay it N times. Here their weights are
 stacked and one step runs every client's forward and backward at once (torch.func.vmap over
 functional_call), then one AdamW step updates the stacked weights. Each client keeps what makes it itself:
-its batches, drawn from its own generator in the order Client.train draws them; its optimiser moments and
-EMA (Adam and the EMA are elementwise, so stacked state is per-client state); its step count. The result
-equals training the clients one by one up to float rounding (the batched convolutions sum in another order).
+its batches (Client.draw_batch, from its own generator, exactly as Client.train draws them); its optimiser
+moments and EMA (Adam and the EMA are elementwise, so stacked state is per-client state); its step count.
+The result equals training the clients one by one up to float rounding (the batched convolutions sum in
+another order). Where a step is compute rather than overhead (16 px, batch 64, on a CPU) it is slower:
+config.batch_clients is off by default.
 
 In-process simulation only: real clients train on their own machines, one each.
 """
@@ -92,7 +94,7 @@ def train_together(clients: list[Client], steps: int, on_step: Callable[[], obje
     losses = torch.zeros(len(clients), dtype=torch.float64)
     updates = first.ema.updates
     for step in range(first.steps_done, first.steps_done + steps):
-        draws = [_draw(c) for c in clients]
+        draws = [c.draw_batch() for c in clients]
         x_t, t, cond, a, x0, eps = (None if d[0] is None else torch.stack(d) for d in zip(*draws))
         for group in opt.param_groups:
             group["lr"] = first.lr * first.lr_schedule.factor(step)
@@ -113,17 +115,6 @@ def train_together(clients: list[Client], steps: int, on_step: Callable[[], obje
     _unstack(clients, params, buffers, opt, ema, steps)
     share = (time.perf_counter() - t0) / len(clients)
     return [(float(loss_sum) / steps, share) for loss_sum in losses]
-
-
-def _draw(c: Client):
-    """One step's batch of client c, drawn as Client.train draws it: (x_t, t, cond, ᾱ(t), x0, eps)."""
-    idx = torch.randint(c.num_records, (c.batch_size,), generator=c.gen)
-    t = torch.randint(1, c.t_c + 1, (c.batch_size,), generator=c.gen)
-    eps = torch.randn((c.batch_size, *c.images.shape[1:]), generator=c.gen)
-    x0 = c.images[idx]
-    x_t = c.schedule.noise(x0, t, eps).to(c.device)
-    cond = c.condition[idx].to(c.device) if c.condition is not None else None
-    return x_t, t.to(c.device), cond, c.schedule.alpha_bar[t], x0, eps
 
 
 @torch.no_grad()
