@@ -42,11 +42,15 @@ class EMA:
         self.decay, self.updates = decay, 0
         self.model = copy.deepcopy(model).requires_grad_(False).eval() if decay else model
 
+    def current_decay(self, updates: int) -> float:
+        """The decay of the update after `updates` updates: the warm-up, then self.decay."""
+        return min(self.decay, (1 + updates) / (10 + updates))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         if not self.decay:
             return
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        d = self.current_decay(self.updates)
         for ema, p in zip(self.model.parameters(), model.parameters()):
             ema.lerp_(p, 1 - d)
         for ema, b in zip(self.model.buffers(), model.buffers()):

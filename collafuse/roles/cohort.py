@@ -105,23 +105,23 @@ def train_together(clients: list[Client], steps: int, on_step: Callable[[], obje
         opt.step()
         losses += loss.detach().double().cpu()
         if ema is not None:
-            d = min(first.ema.decay, (1 + updates) / (10 + updates))
+            d = first.ema.current_decay(updates)
             with torch.no_grad():
                 for k, p in params.items():
                     ema[k].lerp_(p, 1 - d)
             updates += 1
         if on_step is not None:
             on_step()
-    _unstack(clients, params, buffers, opt, ema, steps)
+    _unstack(clients, owns, params, buffers, opt, ema, steps)
     share = (time.perf_counter() - t0) / len(clients)
     return [(float(loss_sum) / steps, share) for loss_sum in losses]
 
 
 @torch.no_grad()
-def _unstack(clients: list[Client], params: dict, buffers: dict, opt, ema: dict | None, steps: int) -> None:
-    """Each client's slice back into its own model, optimiser state and EMA."""
-    for i, c in enumerate(clients):
-        own = dict(c.model.named_parameters())
+def _unstack(clients: list[Client], owns: list[dict], params: dict, buffers: dict, opt, ema: dict | None,
+             steps: int) -> None:
+    """Each client's slice back into its own model (owns: its parameters by name), optimiser state and EMA."""
+    for i, (c, own) in enumerate(zip(clients, owns)):
         for k, p in params.items():
             own[k].copy_(p[i])
             if p in opt.state:
