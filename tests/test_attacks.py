@@ -236,7 +236,8 @@ def test_denoiser_level_is_chosen_on_public_images(digits):
         x0 = prior.posterior_mean(x_t, int(t[0]), ALPHA_BAR)
         exact = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
         return exact + (3.0 if int(t[0]) <= 22 else 0.0)
-    level, tried = best_denoiser_level(reference, t_c, [21, 25, 30, 40], ALPHA_BAR, eps_fn, torch.Generator().manual_seed(0))
+    [(level, tried)] = best_denoiser_level(reference, t_c, [21, 25, 30, 40], ALPHA_BAR, eps_fn,
+                                           torch.Generator().manual_seed(0))
     assert [r["level"] for r in tried] == [21, 25, 30, 40] and level == max(tried, key=lambda r: r["psnr"])["level"]
     assert level == 25  # measured PSNR falls with the level above 25: each level adds noise the estimate cannot undo
     y = handoffs(members, t_c, seed=3)
@@ -254,6 +255,13 @@ def test_mia_scores_are_seeded_and_need_levels(mia_split):
     batched = mia_scores(mia_split[0], loss_fn, levels=[10], draws=2, seed=4, batch_size=5)
     assert torch.allclose(first, batched, atol=1e-6)  # batching changes float rounding only
     assert not torch.equal(first, mia_scores(mia_split[0], loss_fn, levels=[10], draws=2, seed=5))
+    # Groups scored in one batch get the noise each would get alone (many clients per network call).
+    a, b = mia_split[0][:7], mia_split[0][7:]
+    alone = torch.cat([mia_scores(x, loss_fn, levels=[10, 20], draws=2, seed=4) for x in (a, b)])
+    together = mia_scores(mia_split[0], loss_fn, levels=[10, 20], draws=2, seed=4, groups=[7, len(b)])
+    assert torch.allclose(alone, together, atol=1e-6) and not torch.allclose(alone, first, atol=1e-3)
+    with pytest.raises(ValueError, match="groups cover 8 records"):
+        mia_scores(mia_split[0], loss_fn, levels=[10], groups=[7, 1])
     with pytest.raises(ValueError, match="level"):
         mia_scores(mia_split[0], loss_fn, levels=[], draws=2)
     with pytest.raises(ValueError, match="draws"):

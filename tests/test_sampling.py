@@ -127,3 +127,27 @@ def test_pinned_small_run(model):
     # An untrained model's x0 estimate at level T is huge (no clipping anywhere): pinned as is.
     assert out.sum().item() == pytest.approx(-5522.79, rel=1e-3)
     assert out.abs().mean().item() == pytest.approx(349.445, rel=1e-3)
+
+
+def test_row_batches_fit_the_pixel_budget():
+    from collafuse.core.sampling import BATCH_PIXELS, row_batches
+    per_call = BATCH_PIXELS // 256  # 16 px images
+    assert row_batches([per_call // 2, per_call // 2, 1, per_call + 5, 3], (1, 16, 16)) == [[0, 1], [2], [3], [4]]
+    assert row_batches([], (1, 16, 16)) == []
+
+
+def test_server_samples_many_clients_in_one_batch_as_each_alone(trained, monkeypatch):
+    from collafuse.core import sampling
+    from collafuse.core.protocol import SamplingRequest
+    fed = trained[0.5]
+    reqs = [SamplingRequest(client_id=c, n=n, steps=steps, sampler=sampler, seed=seed)
+            for c, n, steps, sampler, seed in [(0, 5, 7, "ddpm", 11), (1, 3, 7, "ddpm", 12), (2, 4, 4, "ddim", 13),
+                                               (0, 2, 7, "ddpm", 14)]]
+    alone = [fed.server.sample_to_cut(r).handoffs for r in reqs]
+    for budget in (sampling.BATCH_PIXELS, 7 * 64):  # everything in one call per (steps, sampler); at most 7 rows
+        monkeypatch.setattr(sampling, "BATCH_PIXELS", budget)
+        together = fed.server.sample_to_cut_many(reqs)
+        assert [m.client_id for m in together] == [r.client_id for r in reqs]
+        for a, m in zip(alone, together):
+            assert m.level == fed.cut_level and torch.allclose(a, m.handoffs, atol=1e-5)
+    assert not torch.allclose(alone[0][:2], alone[3])  # each request keeps its own seed

@@ -19,14 +19,25 @@ class ModelConfig:
     norm_groups: int = 8  # 8 suits tiny widths; every channel count must divide by it
 
 
-def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> float:
-    """One optimiser step on `loss` at learning rate `lr`; returns the loss value."""
+def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> torch.Tensor:
+    """One optimiser step on `loss` at learning rate `lr`; returns the loss, detached and still on its device.
+
+    Reading it (.item()) would make the host wait for the device every step: callers read a round's losses once.
+    """
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.item()
+    return loss.detach()
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on `device`; to a GPU from pinned memory without blocking, so the host runs ahead of the device
+    (a copy from pageable memory waits for every queued kernel first)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 class EMA:
@@ -51,8 +62,8 @@ class EMA:
         if not self.decay:
             return
         d = self.current_decay(self.updates)
-        for ema, p in zip(self.model.parameters(), model.parameters()):
-            ema.lerp_(p, 1 - d)
+        # One fused kernel for all weights on a GPU (one launch per tensor otherwise); the same arithmetic on a CPU.
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
         for ema, b in zip(self.model.buffers(), model.buffers()):
             ema.copy_(b)
         self.updates += 1

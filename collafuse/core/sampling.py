@@ -14,7 +14,25 @@ import torch
 from collafuse.core.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# One random stream, or one per group of consecutive rows: (generator, rows) pairs. With groups, a batch of
+# several requests draws each request's rows from its own stream, exactly as if it were sampled alone.
+Streams = torch.Generator | list[tuple[torch.Generator, int]] | None
 SAMPLERS = {"ddpm": 1.0, "ddim": 0.0}
+# Pixels (rows x height x width) one batched no-grad network call may hold: 1,024 images at 16 px, 256 at 32 px.
+BATCH_PIXELS = 1 << 18
+
+
+def row_batches(sizes: list[int], image_shape: tuple[int, ...]) -> list[list[int]]:
+    """Indices of consecutive items (of `sizes` rows each) grouped to fit BATCH_PIXELS per call; a larger one alone."""
+    rows_max = max(1, BATCH_PIXELS // (image_shape[-1] * image_shape[-2]))
+    batches, rows = [], rows_max
+    for i, n in enumerate(sizes):
+        if rows + n > rows_max:
+            batches.append([])
+            rows = 0
+        batches[-1].append(i)
+        rows += n
+    return batches
 
 
 def level_grid(start: int, stop: int, steps: int) -> list[int]:
@@ -37,8 +55,17 @@ def eta_of(sampler: str) -> float:
     return SAMPLERS[sampler]
 
 
+def randn(shape: tuple[int, ...], generator: Streams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of `shape` on the CPU, from one stream or from one stream per group of rows."""
+    if isinstance(generator, list):
+        if sum(n for _, n in generator) != shape[0]:
+            raise ValueError(f"the streams' groups cover {sum(n for _, n in generator)} rows, the batch has {shape[0]}")
+        return torch.cat([torch.randn((n, *shape[1:]), generator=g, dtype=dtype) for g, n in generator])
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
 def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, s: int, eta: float,
-         generator: torch.Generator | None = None) -> torch.Tensor:
+         generator: Streams = None) -> torch.Tensor:
     """One generalised DDIM step from level t down to level s < t."""
     ab_t, ab_s = schedule.alpha_bar[t], schedule.alpha_bar[s]
     x0_hat = (x_t - (1 - ab_t).sqrt().item() * eps) / ab_t.sqrt().item()
@@ -46,14 +73,14 @@ def step(schedule: NoiseSchedule, x_t: torch.Tensor, eps: torch.Tensor, t: int, 
     x_s = ab_s.sqrt().item() * x0_hat + (1 - ab_s - var).clamp(min=0).sqrt().item() * eps
     if var > 0:
         # Drawn on the CPU so a seed gives the same stream on any device.
-        z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)
+        z = randn(tuple(x_t.shape), generator, x_t.dtype).to(x_t.device)
         x_s = x_s + var.sqrt().item() * z
     return x_s
 
 
 @torch.no_grad()
 def sample_levels(eps_fn: EpsFn, x: torch.Tensor, levels: list[int], schedule: NoiseSchedule,
-                  eta: float, generator: torch.Generator | None = None) -> torch.Tensor:
+                  eta: float, generator: Streams = None) -> torch.Tensor:
     """Run the chain from levels[0] to levels[-1] with a full-chain noise predictor eps_fn(x, t)."""
     for t, s in zip(levels[:-1], levels[1:]):
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)

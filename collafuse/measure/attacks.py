@@ -103,18 +103,23 @@ def denoiser_estimate(handoffs: torch.Tensor, t_c: int, level: int, alpha_bar: t
 
 
 def best_denoiser_level(reference: torch.Tensor, t_c: int, levels: Sequence[int], alpha_bar: torch.Tensor,
-                        eps_fn: EpsFn, gen: torch.Generator) -> tuple[int, list[dict]]:
+                        eps_fn: EpsFn, gen: torch.Generator, copies: int = 1) -> list[tuple[int, list[dict]]]:
     """The level whose denoiser estimate reconstructs public images best (mean PSNR), chosen without any member.
 
     The attacker makes handoffs of the reference images itself (the schedule is public) and tries each level.
+    `copies` denoisers are judged at once: eps_fn takes that many stacked copies of the handoffs, the k-th
+    copy for the k-th denoiser (e.g. the server's, labelled for k different clients). One (level, tried) each.
     """
     ab = _alpha_bar_at(alpha_bar, t_c)
+    n = len(reference)
     y = math.sqrt(ab) * reference + math.sqrt(1.0 - ab) * torch.randn(reference.shape, generator=gen)
-    tried = []
+    y, reference = y.repeat(copies, 1, 1, 1), reference.repeat(copies, 1, 1, 1)
+    tried = [[] for _ in range(copies)]
     for level in levels:
         x0_hat = denoiser_estimate(y, t_c, level, alpha_bar, eps_fn, torch.randn(y.shape, generator=gen))
-        tried.append({"level": int(level), "psnr": float(psnr(x0_hat, reference).mean())})
-    return max(tried, key=lambda r: r["psnr"])["level"], tried
+        for k, value in enumerate(psnr(x0_hat, reference).view(copies, n).mean(dim=1).tolist()):
+            tried[k].append({"level": int(level), "psnr": value})
+    return [(max(t, key=lambda r: r["psnr"])["level"], t) for t in tried]
 
 
 def reconstruction_quality(x0_hat: torch.Tensor, x0: torch.Tensor) -> dict:
@@ -202,20 +207,26 @@ def mia_scores(
     draws: int = 4,
     seed: int = 0,
     batch_size: int = 256,
+    groups: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Membership score per record: minus the mean denoising loss over fixed levels and seeded noise draws.
 
     Higher = more likely a member. Scoring members and non-members with the same seed gives both
-    the same noise stream.
+    the same noise stream. `groups`: sizes of consecutive groups of records (e.g. one per client) scored
+    in one batch, each with the noise stream it would get alone.
     """
     if not levels or draws < 1:
         raise ValueError(f"need at least one level and draws >= 1, got levels={list(levels)}, draws={draws}")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    groups = [records.shape[0]] if groups is None else list(groups)
+    if sum(groups) != records.shape[0]:
+        raise ValueError(f"groups cover {sum(groups)} records, got {records.shape[0]}")
+    streams = [torch.Generator(device="cpu").manual_seed(seed) for _ in groups]
     total = torch.zeros(records.shape[0], dtype=torch.float64)
     with torch.no_grad():
         for level in levels:
             for _ in range(draws):
-                noise = torch.randn(records.shape, generator=gen).to(records.device, records.dtype)
+                noise = torch.cat([torch.randn((n, *records.shape[1:]), generator=g) for g, n in zip(streams, groups)])
+                noise = noise.to(records.device, records.dtype)
                 for start in range(0, records.shape[0], batch_size):
                     part = slice(start, start + batch_size)
                     t = torch.full((records[part].shape[0],), int(level), dtype=torch.long, device=records.device)

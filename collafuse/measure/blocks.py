@@ -17,6 +17,7 @@ import torch
 
 from collafuse.measure import attacks
 from collafuse.measure.attacks import chance_level, distribution_disclosure, membership_metrics, mia_scores
+from collafuse.core.sampling import row_batches
 from collafuse.roles.privacy import clip_records
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut
@@ -70,6 +71,7 @@ def _attack_sets(fed, gen) -> list[dict]:
             views = sorted({v for (_, v) in held})
             ids = members.tolist()
             entry["views"] = torch.stack([torch.stack([held[(r, v)] for r in ids]) for v in views])  # (K, N, C, H, W)
+            entry["y_mem"] = entry["views"][0]  # the members' first handoffs
             entry["store"] = torch.stack(list(held.values()))  # every handoff the server holds from this client
             eval_noise = torch.randn(x_non.shape, generator=gen)
             entry["y_non"] = sch.noise(entry["x_non_sent"], torch.full((len(test),), t_c), eval_noise).float()
@@ -81,16 +83,41 @@ def _levels(lo: int, hi: int, fractions) -> list[int]:
     return sorted({min(hi, lo + max(1, round(f * (hi - lo)))) for f in fractions})
 
 
-def _pipeline_eps(fed, c, cond):
-    """Full-chain noise prediction of the whole pipeline: the server above the cut, the client at or below it."""
-    server_fn, t_c = fed.server.eps_fn(c.id), fed.cut_level
-    client_fn = c.eps_fn(None if cond is None else cond.to(c.device))
+def _owners(chunk: list[dict], rows: list[torch.Tensor]) -> torch.Tensor:
+    """The client id of every row of a chunk's concatenated records."""
+    return torch.cat([torch.full((len(r),), s["client"].id) for s, r in zip(chunk, rows)])
+
+
+def _chunks(sets: list[dict], key: str, image_shape) -> list[list[dict]]:
+    """Consecutive clients' attack sets grouped so that each group's `key` records fit one network call."""
+    return [[sets[i] for i in idx] for idx in row_batches([len(s[key]) for s in sets], image_shape)]
+
+
+def _pipeline_eps(fed, chunk: list[dict], kind: str):
+    """Full-chain noise prediction of each client's whole pipeline, over a chunk's concatenated `x_{kind}` records:
+    the server above the cut (one call for the chunk), each client's own model at or below it."""
+    server, t_c = fed.server, fed.cut_level
+    sizes = [len(s[f"x_{kind}"]) for s in chunk]
+    server_fn = server.eps_fn(_owners(chunk, [s[f"x_{kind}"] for s in chunk]).to(server.device))
+    client_fns = [(s["client"], s["client"].eps_fn(None if s[f"cond_{kind}"] is None
+                                                    else s[f"cond_{kind}"].to(s["client"].device))) for s in chunk]
 
     def fn(x, t):
         if int(t[0]) > t_c:
-            return server_fn(x.to(fed.server.device), t.to(fed.server.device)).to(x.device)
-        return client_fn(x.to(c.device), t.to(c.device)).to(x.device)
+            return server_fn(x.to(server.device), t.to(server.device)).to(x.device)
+        return torch.cat([f(xs.to(c.device), ts.to(c.device)).to(x.device)
+                          for (c, f), xs, ts in zip(client_fns, x.split(sizes), t.split(sizes))])
     return fn
+
+
+def _scores(sets: list[dict], key: str, image_shape, loss_of, device=None, **mia) -> torch.Tensor:
+    """mia_scores of every client's `key` records, a chunk of clients per network call, each client with the
+    noise stream it would get alone; loss_of(chunk) is the chunk's per-record loss function."""
+    out = []
+    for chunk in _chunks(sets, key, image_shape):
+        x = torch.cat([s[key] for s in chunk]).to(device)
+        out.append(mia_scores(x, loss_of(chunk), batch_size=len(x), groups=[len(s[key]) for s in chunk], **mia))
+    return torch.cat(out)
 
 
 def _kview(fed, sets, gen) -> dict:
@@ -116,22 +143,31 @@ def _reconstruction(fed, sets, gen) -> dict:
     """Members' records from their handoffs: each attack's PSNR/SSIM and its gain over the mean image."""
     t_c, T, ab = fed.cut_level, fed.schedule.T, fed.schedule.alpha_bar
     x = torch.cat([s["x_mem"] for s in sets])
-    y = torch.cat([s["views"][0] for s in sets])
+    y = torch.cat([s["y_mem"] for s in sets])
     reference = torch.cat([s["x_ref_sent"] for s in sets])
     prior = attacks.GaussianPrior(reference)
     estimates = {"mean_image": prior.mean_image(len(x)), "scaled": attacks.reconstruct(y, t_c, ab),
                  "mmse": prior.posterior_mean(y, t_c, ab)}
     # The server's own denoiser, at the level that reconstructs the public images best for each client.
-    levels, picked, denoised = _levels(t_c, T, DENOISER_FRACTIONS), {}, []
+    levels, server = _levels(t_c, T, DENOISER_FRACTIONS), fed.server
     pick = reference[torch.randperm(len(reference), generator=gen)[:LEVEL_CHOICE_IMAGES]]
-    server = fed.server
-    for s in sets:
-        cid = s["client"].id
-        eps = _on(server.eps_fn(cid), server.device)
-        picked[str(cid)], tried = attacks.best_denoiser_level(pick, t_c, levels, ab, eps, gen)
-        v = s["views"][0]
-        denoised.append(attacks.denoiser_estimate(v, t_c, picked[str(cid)], ab, eps, torch.randn(v.shape, generator=gen)))
-    estimates["server_denoiser"] = torch.cat(denoised)
+    chosen = {}
+    for idx in row_batches([len(pick)] * len(sets), pick.shape[1:]):  # several clients' denoisers per call
+        chunk = [sets[i]["client"].id for i in idx]
+        owner = torch.tensor(chunk).repeat_interleave(len(pick))
+        found = attacks.best_denoiser_level(pick, t_c, levels, ab, _on(server.eps_fn(owner.to(server.device)),
+                                                                       server.device), gen, copies=len(chunk))
+        chosen.update({cid: level for cid, (level, _) in zip(chunk, found)})
+    denoised = {}
+    for level in sorted(set(chosen.values())):  # the clients that chose one level, a chunk of them per call
+        for chunk in _chunks([s for s in sets if chosen[s["client"].id] == level], "y_mem", y.shape[1:]):
+            views = [s["y_mem"] for s in chunk]
+            eps = _on(server.eps_fn(_owners(chunk, views).to(server.device)), server.device)
+            y_chunk = torch.cat(views)
+            est = attacks.denoiser_estimate(y_chunk, t_c, level, ab, eps, torch.randn(y_chunk.shape, generator=gen))
+            denoised.update({s["client"].id: e for s, e in zip(chunk, est.split([len(v) for v in views]))})
+    picked = {str(cid): level for cid, level in chosen.items()}
+    estimates["server_denoiser"] = torch.cat([denoised[s["client"].id] for s in sets])
     baseline = float(attacks.psnr(estimates["mean_image"], x).mean())
     results = {}
     for name, x_hat in estimates.items():
@@ -168,16 +204,11 @@ def disclosure_block(fed, extractor=None) -> dict:
     out = {"members": n_mem, "nonmembers": n_non, "reference": sum(len(s["x_ref"]) for s in sets),
            "server_sees": "handoffs" if fed.server.has_levels else "nothing",
            "cut_level": t_c, "alpha_bar_cut": float(sch.alpha_bar[t_c])}
-    pipeline = {"member": [], "non": []}
-    for s in sets:
-        c = s["client"]
-        levels = _levels(0, T, PIPELINE_MIA_FRACTIONS)
-        for kind in ("mem", "non"):
-            loss = attacks.denoising_loss(_pipeline_eps(fed, c, s[f"cond_{kind}"]), sch.alpha_bar)
-            x = s[f"x_{kind}"]
-            pipeline["member" if kind == "mem" else "non"].append(
-                mia_scores(x, loss, levels=levels, draws=cfg.eval.mia_draws, seed=cfg.seed, batch_size=len(x)))
-    out["mia_pipeline"] = {**membership_metrics(torch.cat(pipeline["member"]), torch.cat(pipeline["non"])),
+    shape, mia = fed.data.images.shape[1:], {"draws": cfg.eval.mia_draws, "seed": cfg.seed}
+    pipeline = {kind: _scores(sets, f"x_{kind}", shape, lambda chunk, kind=kind: attacks.denoising_loss(
+        _pipeline_eps(fed, chunk, kind), sch.alpha_bar), levels=_levels(0, T, PIPELINE_MIA_FRACTIONS), **mia)
+        for kind in ("mem", "non")}
+    out["mia_pipeline"] = {**membership_metrics(pipeline["mem"], pipeline["non"]),
                            "levels": _levels(0, T, PIPELINE_MIA_FRACTIONS)}
     if not fed.server.has_levels:  # c = 1: nothing crossed the wire but sampling requests and reports
         out.update(distribution=None, reconstruction=None, reidentification=None, kview=None, mia_server=None,
@@ -185,7 +216,7 @@ def disclosure_block(fed, extractor=None) -> dict:
         out["membership"] = _membership_summary(out)
         return out
     extractor = extractor or _extractor(fed)
-    y_mem = torch.cat([s["views"][0] for s in sets])
+    y_mem = torch.cat([s["y_mem"] for s in sets])
     y_non = torch.cat([s["y_non"] for s in sets])
     x_mem, x_non = torch.cat([s["x_mem"] for s in sets]), torch.cat([s["x_non"] for s in sets])
     out["distribution"] = {
@@ -207,15 +238,12 @@ def disclosure_block(fed, extractor=None) -> dict:
     out["mia_handoff_lr"] = {**membership_metrics(*lr), "handoffs": len(store), "reference": len(reference),
                              "note": "no model: each candidate's best likelihood ratio over the stored handoffs "
                                      "against the reference images"}
-    scores = {"member": [], "non": []}
-    levels = _levels(t_c, T, SERVER_MIA_FRACTIONS)
-    for s in sets:
-        loss = attacks.denoising_loss(fed.server.eps_fn(s["client"].id), sch.alpha_bar.to(fed.server.device),
-                                      from_level=t_c)
-        for kind, y in (("member", s["views"][0]), ("non", s["y_non"])):
-            scores[kind].append(mia_scores(y.to(fed.server.device), loss, levels=levels, draws=cfg.eval.mia_draws,
-                                           seed=cfg.seed))
-    out["mia_server"] = {**membership_metrics(torch.cat(scores["member"]), torch.cat(scores["non"])),
+    levels, server = _levels(t_c, T, SERVER_MIA_FRACTIONS), fed.server
+    scores = {kind: _scores(sets, f"y_{kind}", shape, lambda chunk, kind=kind: attacks.denoising_loss(
+        server.eps_fn(_owners(chunk, [s[f"y_{kind}"] for s in chunk]).to(server.device)),
+        sch.alpha_bar.to(server.device), from_level=t_c), server.device, levels=levels, **mia)
+        for kind in ("mem", "non")}
+    out["mia_server"] = {**membership_metrics(scores["mem"], scores["non"]),
                          "levels": levels,
                          "note": "loss of the server model on handoffs; non-member handoffs made for evaluation only"}
     out["membership"] = _membership_summary(out)

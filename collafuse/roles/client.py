@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise
+from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise, to_device
 from collafuse.core.protocol import (ClientReport, HandoffBatch, Refusal, RoundRequest, SamplingHandoffs,
                                      SamplingRequest)
 from collafuse.core.recipe import LRSchedule, Objective
@@ -166,14 +166,14 @@ class Client:
         if self.t_c == 0 or steps == 0:
             return float("nan")
         self.model.train()
-        total = 0.0
+        losses = []
         for step in range(self.steps_done, self.steps_done + steps):
             x_t, t, cond, a, x0, eps = self.draw_batch()
             loss = self.objective.loss(self.model(x_t, t, cond), a, x0, eps)
-            total += optimise(self.opt, loss, self.lr * self.lr_schedule.factor(step))
+            losses.append(optimise(self.opt, loss, self.lr * self.lr_schedule.factor(step)))
             self.ema.update(self.model)
         self.steps_done += steps
-        return total / steps
+        return sum(torch.stack(losses).tolist()) / steps  # the host waits for the device once, here
 
     def draw_batch(self) -> tuple:
         """One training step's batch from this client's generator: (x_t, t, cond, ᾱ(t), x0, eps).
@@ -185,9 +185,9 @@ class Client:
         t = torch.randint(1, self.t_c + 1, (self.batch_size,), generator=self.gen)
         eps = torch.randn((self.batch_size, *self.images.shape[1:]), generator=self.gen)
         x0 = self.images[idx]
-        x_t = self.schedule.noise(x0, t, eps).to(self.device)
-        cond = self.condition[idx].to(self.device) if self.condition is not None else None
-        return x_t, t.to(self.device), cond, self.schedule.alpha_bar[t], x0, eps
+        x_t = to_device(self.schedule.noise(x0, t, eps), self.device)
+        cond = to_device(self.condition[idx], self.device) if self.condition is not None else None
+        return x_t, to_device(t, self.device), cond, self.schedule.alpha_bar[t], x0, eps
 
     def eps_fn(self, cond: torch.Tensor | None):
         """Noise prediction of the sampling (EMA) weights for levels <= t_c."""

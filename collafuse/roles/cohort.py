@@ -91,7 +91,7 @@ def train_together(clients: list[Client], steps: int, on_step: Callable[[], obje
         return first.objective.loss(functional_call(skeleton, (p, b), (x_t, t, cond)), a, x0, eps)
 
     batched_loss = vmap(loss_of, in_dims=(0, 0, 0, 0, None if first.condition is None else 0, 0, 0, 0))
-    losses = torch.zeros(len(clients), dtype=torch.float64)
+    losses = torch.zeros(len(clients), dtype=torch.float64, device=first.device)
     updates = first.ema.updates
     for step in range(first.steps_done, first.steps_done + steps):
         draws = [c.draw_batch() for c in clients]
@@ -103,18 +103,17 @@ def train_together(clients: list[Client], steps: int, on_step: Callable[[], obje
             loss = batched_loss(params, buffers, x_t, t, cond, a, x0, eps)
         loss.sum().backward()  # client i's weights get exactly the gradient of client i's loss
         opt.step()
-        losses += loss.detach().double().cpu()
+        losses += loss.detach().double()  # read once after the last step, not every step
         if ema is not None:
             d = first.ema.current_decay(updates)
             with torch.no_grad():
-                for k, p in params.items():
-                    ema[k].lerp_(p, 1 - d)
+                torch._foreach_lerp_([ema[k] for k in params], list(params.values()), 1 - d)  # as EMA.update
             updates += 1
         if on_step is not None:
             on_step()
     _unstack(clients, owns, params, buffers, opt, ema, steps)
     share = (time.perf_counter() - t0) / len(clients)
-    return [(float(loss_sum) / steps, share) for loss_sum in losses]
+    return [(loss_sum / steps, share) for loss_sum in losses.tolist()]
 
 
 @torch.no_grad()
