@@ -31,7 +31,7 @@ from collafuse.federation.inprocess import start
 # What a process is, from its command line (first match wins).
 KINDS = (("flower-superlink", "superlink"), ("flower-supernode", "supernode"), ("flwr-clientapp", "clientapp"),
          ("flwr-serverapp", "serverapp"), ("flwr-simulation", "simulation"), ("ray::", "ray worker"),
-         ("raylet", "ray"), ("gcs_server", "ray"), ("ray/", "ray"))
+         ("raylet", "ray"), ("gcs_server", "ray"), ("ray/", "ray"), ("bin/flwr ", "flwr CLI"))
 
 
 def _children() -> dict[int, list[int]]:

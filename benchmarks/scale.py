@@ -1,7 +1,13 @@
-"""Server memory and checkpoint time against the number of handoffs it holds, as a markdown table.
+"""Server memory and checkpoint time against the number of handoffs it holds, and whole runs against the
+number of clients, as markdown tables.
 
     .venv/bin/python benchmarks/scale.py                                  # 5 k and 50 k handoffs
     .venv/bin/python benchmarks/scale.py --sizes 5000 50000 500000
+    .venv/bin/python benchmarks/scale.py --sizes --clients 10 100 1000    # whole in-process runs
+
+Clients: `collafuse run -c smoke` over the 5,000 MNIST digits at 8 px (5 records a client at 1,000; a
+30% held-out share so that each keeps >= 2 for FID/KID), clients trained together (batch_clients), each
+count in a fresh process, 2 torch threads. Peak RSS is the whole process: server and every client.
 
 Each size runs in a fresh process, since peak RSS is a process's high-water mark: a server with the
 smoke preset's model and its store in a run folder ingests N synthetic handoffs of 1x16x16 in
@@ -92,16 +98,53 @@ def measure(n: int, steps: int, store_dtype: str, run: Path) -> dict:
             "anon_mb": anon_rss_mb()}
 
 
+CLIENT_RUN = ["data.name=mnist", "data.image_size=8", "data.max_records=5000", "data.test_fraction=0.3",
+              "batch_clients=true"]
+
+
+def measure_clients(n: int, run: Path) -> dict:
+    """A whole smoke run (training, sampling, every measurement) with n clients: per-round and total times."""
+    from collafuse.federation.inprocess import run as run_federation
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    metrics, _ = run_federation(load_config("smoke", [*CLIENT_RUN, f"data.clients={n}"]), run, progress=False)
+    wall = time.perf_counter() - t0
+    rounds = [e["wall_seconds"] for e in metrics["participation"]["log"]]
+    measured = [c for c in metrics["clients"].values() if c.get("kid_mean") is not None]
+    return {"clients": n, "round_s": rounds, "checkpoint_s": metrics["checkpoint_seconds"] / len(rounds),
+            "after_training_s": wall - sum(rounds), "wall_s": wall, "rss_mb": peak_rss_mb(),
+            "store_mb": folder_mb(run / HANDOFFS), "checkpoint_mb": folder_mb(run / CHECKPOINT),
+            "sampled": len(metrics["clients"]), "with_kid": len(measured)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[5_000, 50_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[5_000, 50_000])
+    ap.add_argument("--clients", type=int, nargs="*", default=[], help="whole in-process runs with this many clients")
     ap.add_argument("--steps", type=int, default=5, help="training steps timed (batch: the smoke server's 32)")
     ap.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure this size in this process
+    ap.add_argument("--one-run", type=int, help=argparse.SUPPRESS)  # internal: a run with this many clients
     args = ap.parse_args()
-    if args.one is not None:
+    if args.one is not None or args.one_run is not None:
         with tempfile.TemporaryDirectory() as run:
-            print(json.dumps(measure(args.one, args.steps, args.store_dtype, Path(run))))
+            r = (measure(args.one, args.steps, args.store_dtype, Path(run)) if args.one is not None
+                 else measure_clients(args.one_run, Path(run) / "run"))
+            print(json.dumps(r))
+        return
+    if args.clients:
+        print("smoke preset, 8 px MNIST, 2 rounds, clients trained together, 2 threads; peak RSS: the whole process")
+        print("| clients | round 1 (s) | round 2 (s) | checkpoint (s/round) | checkpoint (MB) | store (MB) | "
+              "sampling + evaluation (s) | whole run (s) | peak RSS (MB) | clients with KID |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+    for n in args.clients:
+        out = subprocess.run([sys.executable, __file__, "--one-run", str(n)], capture_output=True, text=True,
+                             check=True)
+        r = json.loads(out.stdout.splitlines()[-1])
+        print(f"| {n:,} | {r['round_s'][0]:.1f} | {r['round_s'][-1]:.1f} | {r['checkpoint_s']:.2f} | "
+              f"{r['checkpoint_mb']:.1f} | {r['store_mb']:.1f} | {r['after_training_s']:.1f} | {r['wall_s']:.1f} | "
+              f"{r['rss_mb']:.0f} | {r['with_kid']} of {r['sampled']} |", flush=True)
+    if not args.sizes:
         return
     print(f"store {args.store_dtype}, handoffs 1x16x16, smoke server model, 1 thread, {args.steps} steps timed")
     print("| handoffs | store (MB) | ingest (s) | index (s) | checkpoint (s) | checkpoint (MB) | peak RSS after "

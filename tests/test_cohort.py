@@ -86,3 +86,19 @@ def test_a_client_that_refuses_trains_nothing_when_the_others_train_together(tmp
 def test_batch_clients_must_be_a_boolean():
     with pytest.raises(ValueError, match="batch_clients must be true or false, got 'yes'"):
         load_config("smoke", ["batch_clients=yes"])
+
+
+def test_a_large_cohort_trains_in_chunks_that_bound_its_memory(tmp_path, monkeypatch):
+    from collafuse.core import sampling
+    cohorts = []
+
+    def spy(clients, steps, on_step=None):
+        cohorts.append([c.id for c in clients])
+        return train_together(clients, steps, on_step)
+    monkeypatch.setattr(inprocess, "train_together", spy)
+    monkeypatch.setattr(sampling, "BATCH_PIXELS", 64 * 8 * 8)  # two smoke batches (32 images of 8x8) per step
+    engine, fed, _ = inprocess.start(load_config("smoke", ["rounds=1", "batch_clients=true"]), tmp_path / "chunks")
+    chunked = engine.run_round()
+    assert cohorts == [[0, 1], [2]]
+    alone, _, _ = inprocess.start(load_config("smoke", ["rounds=1"]), tmp_path / "alone")
+    assert chunked["loss"] == pytest.approx(alone.run_round()["loss"], rel=1e-4)

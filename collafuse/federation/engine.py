@@ -248,7 +248,9 @@ class Engine:
         self.log.append(entry)
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+        t2 = time.perf_counter()
         self._save()
+        self.seconds["checkpoint"] += time.perf_counter() - t2
         return entry
 
     def train_server(self, steps: int) -> float:
@@ -335,6 +337,7 @@ class Engine:
             "server": {"train_seconds": self.seconds["server.train"], "sample_seconds": self.seconds["server.sample"],
                        "params": self.server.model.num_parameters(), "handoffs_held": self.server.num_handoffs()},
             "bytes_up": sum(self.bytes_up.values()), "bytes_down": sum(self.bytes_down.values()),
+            "checkpoint_seconds": self.seconds["checkpoint"],  # writing the rounds' checkpoints
             "dp": self.dp_block(), "cost": self.cost_block(),
             "participation": {"log": self.log, "refusals": refusals,
                               "missing_clients": sorted(set(range(cfg.data.clients)) - {int(c) for c in clients}),

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from collafuse.config import Config
 from collafuse.core.models import device_auto
 from collafuse.core.protocol import Limits
+from collafuse.core.sampling import row_batches
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_state, save_state, swap_in
 from collafuse.core import protocol
@@ -166,15 +167,18 @@ class InProcessTransport:
             if key is not None and client.accepts(req):
                 cohorts.setdefault(key, (req.steps, []))[1].append(client)
         trained = {}
-        groups = [(steps, members) for steps, members in cohorts.values() if len(members) > 1]
+        groups = [(steps, cohort) for steps, cohort in cohorts.values() if len(cohort) > 1]
         # Each step advances its clients by 1/steps: the count is shown whole, the rate in clients/s.
         with tqdm(total=sum(len(m) for _, m in groups), desc="train: clients together", unit="client",
                   leave=False, disable=not self.progress or not groups,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, "
                              "{rate_fmt}]") as bar:
-            for steps, members in groups:
-                results = train_together(members, steps, on_step=lambda: bar.update(len(members) / steps))
-                trained.update({client.id: result for client, result in zip(members, results)})
+            for steps, cohort in groups:
+                # Together, every member's activations live at once: chunks of the cohort bound that memory.
+                for idx in row_batches([c.batch_size for c in cohort], self.fed.cfg.image_shape):
+                    members = [cohort[i] for i in idx]
+                    results = train_together(members, steps, on_step=lambda: bar.update(len(members) / steps))
+                    trained.update({client.id: result for client, result in zip(members, results)})
         return trained
 
     def state(self, folder: Path) -> None:
