@@ -5,7 +5,7 @@ number of clients, as markdown tables.
     .venv/bin/python benchmarks/scale.py --sizes 5000 50000 500000
     .venv/bin/python benchmarks/scale.py --sizes --clients 10 100 1000    # whole in-process runs
 
-Clients: `collafuse run -c smoke` over the 5,000 MNIST digits at 8 px (5 records a client at 1,000; a
+Clients: `collafuse run -c smoke` over the 5,000 MNIST digits at 8 px, IID (5 records a client at 1,000; a
 30% held-out share so that each keeps >= 2 for FID/KID), clients trained together (batch_clients), each
 count in a fresh process, 2 torch threads. Peak RSS is the whole process: server and every client.
 
@@ -98,8 +98,8 @@ def measure(n: int, steps: int, store_dtype: str, run: Path) -> dict:
             "anon_mb": anon_rss_mb()}
 
 
-CLIENT_RUN = ["data.name=mnist", "data.image_size=8", "data.max_records=5000", "data.test_fraction=0.3",
-              "batch_clients=true"]
+CLIENT_RUN = ["data.name=mnist", "data.image_size=8", "data.max_records=5000", "data.partition=iid",
+              "data.test_fraction=0.3", "batch_clients=true"]
 
 
 def measure_clients(n: int, run: Path) -> dict:

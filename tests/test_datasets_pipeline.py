@@ -155,6 +155,7 @@ def test_dataset_presets_load_and_fit_their_image_size(name):
     cfg = load_config(name)
     d = cfg.data
     assert d.name in ("cifar10", "celeba", "awa2", "imagefolder") and d.image_size in (32, 64)
+    assert cfg.cut == load_config("default").cut == 0.4  # the README's default cut, in every data-set preset
     if d.partition == "attribute":
         assert d.clients == 5 and cfg.client.condition == "attributes"  # the paper's five CelebA groups
     for role in (cfg.server, cfg.client):  # every role's UNet builds at the preset's size
