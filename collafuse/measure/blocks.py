@@ -15,9 +15,9 @@ import math
 
 import torch
 
+from collafuse.core.sampling import row_batches
 from collafuse.measure import attacks
 from collafuse.measure.attacks import chance_level, distribution_disclosure, membership_metrics, mia_scores
-from collafuse.core.sampling import row_batches
 from collafuse.roles.privacy import clip_records
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut

@@ -1,0 +1,78 @@
+"""Split sampling on a trained run: sampler and step counts per side against quality and network calls.
+
+    .venv/bin/python benchmarks/samplers.py --run runs/benchmark-sweep/seed-0/cut-0.40 --n 64
+
+Every setting samples the same clients from the same checkpoint with the same seeds (the run's own
+sampling seeds) and measures each client's samples on its held-out images, with the run's evaluator
+(FID/KID on the domain features, own-class share). Network calls = server levels + client levels.
+"ddpm-full" is the ancestral chain over every level (T calls): the reference the fast samplers are
+judged against.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from collafuse.config import load_config
+from collafuse.federation.engine import sampling_seed
+from collafuse.federation.inprocess import build, load_checkpoint
+from collafuse.measure.evaluate import client_evaluations
+
+SETTINGS = ("ddpm-full", "ddim-40+10", "ddim-25+25", "ddim-45+5", "ddim-20+5", "ddim-10+10", "ddpm-40+10")
+
+
+def parse(setting: str, cut_level: int, T: int) -> tuple[str, int, int]:
+    """(sampler, server steps, client steps) of a setting name."""
+    sampler, steps = setting.split("-")
+    if steps == "full":
+        return sampler, T - cut_level, cut_level
+    server, client = steps.split("+")
+    return sampler, int(server), int(client)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, required=True, help="a trained run folder (with checkpoint/)")
+    p.add_argument("--n", type=int, default=64, help="samples per client")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = load_config(str(a.run / "config.json"))
+    fed = build(cfg, device=torch.device("cpu"))
+    load_checkpoint(fed, a.run)
+    evaluations = client_evaluations(fed)
+    rows = []
+    for setting in a.settings.split(","):
+        sampler, server_steps, client_steps = parse(setting, fed.cut_level, cfg.schedule.T)
+        t0, per_client = time.perf_counter(), {}
+        # The server's levels for every client in one batch (as the round engine samples), then each client's.
+        reqs = [c.sampling_request(a.n, server_steps, sampler, seed=sampling_seed(cfg, c.id)) for c in fed.clients]
+        for c, handoffs in zip(fed.clients, fed.server.sample_to_cut_many(reqs)):
+            images = c.finish(handoffs, client_steps, sampler, sampling_seed(cfg, c.id) + 1)
+            per_client[c.id] = evaluations[c.id].measure(images)
+        calls = min(server_steps, cfg.schedule.T - fed.cut_level) + min(client_steps, fed.cut_level)
+        kids = [m["kid_mean"] for m in per_client.values()]
+        row = {"setting": setting, "calls": calls, "kid_mean": statistics.mean(kids), "kids": kids,
+               "fid_mean": statistics.mean(m["fid"] for m in per_client.values()),
+               "own_class_share_min": min(m.get("own_class_share", float("nan")) for m in per_client.values()),
+               "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    ref = next((r for r in rows if r["setting"] == "ddpm-full"), None)
+    print(f"{a.run}: c = {cfg.cut}, {a.n} samples per client, {len(fed.clients)} clients")
+    print("| setting | network calls | mean KID | vs ddpm-full | mean FID | lowest own-class share | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        rel = "" if ref is None else f"{(r['kid_mean'] / ref['kid_mean'] - 1) * 100:+.0f}%"
+        print(f"| {r['setting']} | {r['calls']} | {r['kid_mean']:.3f} | {rel} | {r['fid_mean']:.2f} | "
+              f"{r['own_class_share_min']:.2f} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
