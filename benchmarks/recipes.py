@@ -31,6 +31,7 @@ RECIPES = {
                     *(f"{r}.lr_decay=cosine" for r in BOTH)],
 }
 RECIPES["all"] = [o for name in ("min-snr", "v", "lr-schedule") for o in RECIPES[name]]
+RECIPES["v+min-snr"] = RECIPES["v"] + RECIPES["min-snr"]
 
 
 def mean_sd(values: list[float]) -> str:
