@@ -185,9 +185,10 @@ class Client:
         t = torch.randint(1, self.t_c + 1, (self.batch_size,), generator=self.gen)
         eps = torch.randn((self.batch_size, *self.images.shape[1:]), generator=self.gen)
         x0 = self.images[idx]
-        x_t = to_device(self.schedule.noise(x0, t, eps), self.device)
-        cond = to_device(self.condition[idx], self.device) if self.condition is not None else None
-        return x_t, to_device(t, self.device), cond, self.schedule.alpha_bar[t], x0, eps
+        x_t = self.schedule.noise(x0, t, eps)
+        cond = self.condition[idx] if self.condition is not None else None
+        return tuple(None if v is None else to_device(v, self.device)
+                     for v in (x_t, t, cond, self.schedule.alpha_bar[t], x0, eps))
 
     def eps_fn(self, cond: torch.Tensor | None):
         """Noise prediction of the sampling (EMA) weights for levels <= t_c."""

@@ -14,6 +14,7 @@ from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors, split_prefix
 from collafuse.roles.store import HandoffStore
 
+
 class Server:
     """Ingests handoffs from many clients; trains on levels > t_c; samples down to the cut per client."""
 
@@ -139,7 +140,8 @@ class Server:
             label = to_device(owners, self.device) if self.client_cond else None
             # The server's own process: data y, noise e', signal fraction ᾱ'; eps_fn rescales to full-chain noise.
             out = net(x_t, to_device(t, self.device), label)
-            loss = self.objective.loss(out, self.schedule.server_alpha_bar(self.t_c, t), y, e)
+            a = self.schedule.server_alpha_bar(self.t_c, t)
+            loss = self.objective.loss(out, *(to_device(v, self.device) for v in (a, y, e)))
             losses.append(optimise(self.opt, loss, self.lr * self.lr_schedule.factor(step)))
             self.ema.update(self.model)
         self.steps_done += steps
