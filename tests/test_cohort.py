@@ -67,14 +67,20 @@ def test_a_run_with_clients_together_reports_what_one_by_one_reports(tmp_path):
         assert metrics[True]["clients"][cid]["kid_mean"] == pytest.approx(one["kid_mean"], rel=1e-3, abs=1e-4)
 
 
-def test_a_client_that_refuses_trains_nothing_when_the_others_train_together(tmp_path, monkeypatch):
-    # Client 1's owner allows no cut below 0.4; the run's cut is 0.2: it refuses, untrained, and says why.
-    cohorts = []
+@pytest.fixture
+def cohorts(monkeypatch) -> list[list[int]]:
+    """The client ids of every train_together call of the in-process transport, in order."""
+    calls = []
 
     def spy(clients, steps, on_step=None):
-        cohorts.append([c.id for c in clients])
+        calls.append([c.id for c in clients])
         return train_together(clients, steps, on_step)
     monkeypatch.setattr(inprocess, "train_together", spy)
+    return calls
+
+
+def test_a_client_that_refuses_trains_nothing_when_the_others_train_together(tmp_path, cohorts):
+    # Client 1's owner allows no cut below 0.4; the run's cut is 0.2: it refuses, untrained, and says why.
     engine, fed, _ = inprocess.start(load_config("smoke", ["rounds=1", "batch_clients=true"]), tmp_path)
     fed.clients[1].policy = type(fed.clients[1].policy)(min_cut=0.4)
     entry = engine.run_round()
@@ -88,14 +94,8 @@ def test_batch_clients_must_be_a_boolean():
         load_config("smoke", ["batch_clients=yes"])
 
 
-def test_a_large_cohort_trains_in_chunks_that_bound_its_memory(tmp_path, monkeypatch):
+def test_a_large_cohort_trains_in_chunks_that_bound_its_memory(tmp_path, monkeypatch, cohorts):
     from collafuse.core import sampling
-    cohorts = []
-
-    def spy(clients, steps, on_step=None):
-        cohorts.append([c.id for c in clients])
-        return train_together(clients, steps, on_step)
-    monkeypatch.setattr(inprocess, "train_together", spy)
     monkeypatch.setattr(sampling, "BATCH_PIXELS", 64 * 8 * 8)  # two smoke batches (32 images of 8x8) per step
     engine, fed, _ = inprocess.start(load_config("smoke", ["rounds=1", "batch_clients=true"]), tmp_path / "chunks")
     chunked = engine.run_round()
