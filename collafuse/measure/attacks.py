@@ -17,6 +17,8 @@ from sklearn.metrics import roc_auc_score
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from collafuse.core.sampling import randn
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # loss_fn(records, t, noise) -> per-record denoising loss (N,); see denoising_loss
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -225,8 +227,7 @@ def mia_scores(
     with torch.no_grad():
         for level in levels:
             for _ in range(draws):
-                noise = torch.cat([torch.randn((n, *records.shape[1:]), generator=g) for g, n in zip(streams, groups)])
-                noise = noise.to(records.device, records.dtype)
+                noise = randn(tuple(records.shape), list(zip(streams, groups))).to(records.device, records.dtype)
                 for start in range(0, records.shape[0], batch_size):
                     part = slice(start, start + batch_size)
                     t = torch.full((records[part].shape[0],), int(level), dtype=torch.long, device=records.device)

@@ -9,7 +9,7 @@ from torch import nn
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise, to_device
 from collafuse.core.protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest, handoff_bound
 from collafuse.core.recipe import LRSchedule, Objective
-from collafuse.core.sampling import eta_of, level_grid, row_batches, sample_levels
+from collafuse.core.sampling import eta_of, level_grid, randn, row_batches, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors, split_prefix
 from collafuse.roles.store import HandoffStore
@@ -178,7 +178,7 @@ class Server:
             for rows in row_batches([r.n for r in group], self.image_shape):
                 batch = [group[i] for i in rows]
                 streams = [(torch.Generator().manual_seed(r.seed), r.n) for r in batch]
-                x = torch.cat([torch.randn((r.n, *self.image_shape), generator=g) for r, (g, _) in zip(batch, streams)])
+                x = randn((sum(r.n for r in batch), *self.image_shape), streams)
                 owner = torch.cat([torch.full((r.n,), r.client_id) for r in batch]).to(self.device)
                 x = sample_levels(self.eps_fn(owner), x.to(self.device), level_grid(self.schedule.T, self.t_c, steps),
                                   self.schedule, eta_of(sampler), streams)
