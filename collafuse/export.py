@@ -19,6 +19,7 @@ import torch
 import yaml
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 
+from collafuse.core.recipe import Objective
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 
@@ -29,19 +30,24 @@ QUALITY_KEYS = ("fid", "kid_mean", "kid_std", "kid_score", "failed", "own_class_
                 "n_reference")
 
 
-def chain_scheduler(schedule: NoiseSchedule) -> DDPMScheduler:
-    """The run's chain as a diffusers scheduler: T and the betas of ᾱ, no clipping (a handoff is not an image)."""
+def chain_scheduler(schedule: NoiseSchedule, prediction: str = "epsilon") -> DDPMScheduler:
+    """The run's chain as a diffusers scheduler: T and the betas of ᾱ, no clipping (a handoff is not an image).
+
+    Its prediction_type is what the client's net outputs on the chain; the server's v or ε is on its own process
+    (ᾱ' = ᾱ(t)/ᾱ(t_c)), which no diffusers scheduler steps.
+    """
     ab = schedule.alpha_bar
     return DDPMScheduler(num_train_timesteps=schedule.T, trained_betas=(1 - ab[1:] / ab[:-1]).tolist(),
-                         clip_sample=False, prediction_type="epsilon")
+                         clip_sample=False, prediction_type={"epsilon": "epsilon", "v": "v_prediction"}[prediction])
 
 
-def server_eps(unet: UNet2DModel, schedule: NoiseSchedule, cut_level: int, client_id: int):
+def server_eps(unet: UNet2DModel, prediction: str, schedule: NoiseSchedule, cut_level: int, client_id: int):
     """Full-chain noise prediction of the server's net for one client, as Server.eps_fn computes it."""
+    objective = Objective(prediction)
+
     def fn(x, t):
         label = torch.full_like(t, client_id) if unet.config.num_class_embeds else None
-        scale = schedule.server_eps_scale(cut_level, t.cpu()).to(x.device, x.dtype).view(-1, 1, 1, 1)
-        return scale * unet(x, t, class_labels=label).sample
+        return objective.server_noise(unet(x, t, class_labels=label).sample, schedule, cut_level, x, t)
     return fn
 
 
@@ -79,7 +85,8 @@ class _ChainPipeline(DiffusionPipeline):
                 return eps_fn(x_t, t)
             return sample_levels(ticking, x, levels, schedule, eta_of(sampler), generator)
 
-    def _to_cut(self, unet, client_id: int, n: int, steps: int, sampler: str, generator) -> torch.Tensor:
+    def _to_cut(self, unet, prediction: str, client_id: int, n: int, steps: int, sampler: str,
+                generator) -> torch.Tensor:
         """Levels T..t_c for one client, as Server.sample_to_cut (noise drawn on the CPU from `generator`)."""
         classes = unet.config.num_class_embeds
         if classes and not 0 <= client_id < classes:
@@ -87,19 +94,22 @@ class _ChainPipeline(DiffusionPipeline):
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         schedule, t_c = self.noise_schedule, self.config.cut_level
         x = torch.randn((n, *shape), generator=generator).to(self.device)
-        x = self._descend(schedule, server_eps(unet, schedule, t_c, client_id), x, level_grid(schedule.T, t_c, steps),
-                          sampler, generator)
+        x = self._descend(schedule, server_eps(unet, prediction, schedule, t_c, client_id), x,
+                          level_grid(schedule.T, t_c, steps), sampler, generator)
         return x.float().cpu()
 
-    def _finish(self, unet, handoffs, class_labels, steps: int, sampler: str, generator) -> torch.Tensor:
+    def _finish(self, unet, prediction: str, handoffs, class_labels, steps: int, sampler: str,
+                generator) -> torch.Tensor:
         """Levels t_c..0 on handoffs, as Client.finish with the given classes. Returns (n, C, H, W) in [-1, 1]."""
         y = torch.as_tensor(handoffs, dtype=torch.float32)
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         if y.dim() != 4 or tuple(y.shape[1:]) != shape:
             raise ValueError(f"handoffs must have shape (n, {', '.join(map(str, shape))}), got {tuple(y.shape)}")
         cond = class_condition(unet, class_labels, y.shape[0], self.device)
-        x = self._descend(self.noise_schedule, lambda x, t: unet(x, t, class_labels=cond).sample, y.to(self.device),
-                          level_grid(self.config.cut_level, 0, steps), sampler, generator)
+        schedule, objective = self.noise_schedule, Objective(prediction)
+        x = self._descend(schedule, lambda x, t: objective.client_noise(unet(x, t, class_labels=cond).sample,
+                                                                        schedule, x, t),
+                          y.to(self.device), level_grid(self.config.cut_level, 0, steps), sampler, generator)
         return x.clamp(-1, 1).cpu()
 
     def _images(self, x: torch.Tensor, output_type: str):
@@ -120,10 +130,11 @@ class CollaFuseServerPipeline(_ChainPipeline):
     """Noise -> handoffs at t_c for one client: the server operator's part (levels T..t_c+1)."""
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cut_level: int = 0, schedule: str = "linear",
-                 sampler: str = "ddim", steps: int = 40):
+                 sampler: str = "ddim", steps: int = 40, prediction: str = "epsilon"):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, steps=steps)
+        self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, steps=steps,
+                                prediction=prediction)
 
     @torch.no_grad()
     def __call__(self, client_id: int, batch_size: int = 1, num_inference_steps: int | None = None,
@@ -134,8 +145,8 @@ class CollaFuseServerPipeline(_ChainPipeline):
         A CPU `generator` seeded s gives exactly the handoffs `collafuse sample --seed s` sends that client.
         """
         _check_output(output_type, HANDOFF_OUTPUTS)
-        y = self._to_cut(self.unet, client_id, batch_size, num_inference_steps or self.config.steps,
-                         sampler or self.config.sampler, generator)
+        y = self._to_cut(self.unet, self.config.prediction, client_id, batch_size,
+                         num_inference_steps or self.config.steps, sampler or self.config.sampler, generator)
         y = y if output_type == "pt" else y.numpy()
         return ImagePipelineOutput(images=y) if return_dict else (y,)
 
@@ -144,11 +155,11 @@ class CollaFuseClientPipeline(_ChainPipeline):
     """Handoffs -> images with one client's private model (levels t_c..1), optionally class-conditioned."""
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cut_level: int = 0, schedule: str = "linear",
-                 sampler: str = "ddim", steps: int = 10, client_id: int = 0):
+                 sampler: str = "ddim", steps: int = 10, client_id: int = 0, prediction: str = "epsilon"):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, steps=steps,
-                                client_id=client_id)
+                                client_id=client_id, prediction=prediction)
 
     @torch.no_grad()
     def __call__(self, handoffs, class_labels=None, num_inference_steps: int | None = None,
@@ -161,8 +172,8 @@ class CollaFuseClientPipeline(_ChainPipeline):
         records, which no export carries.
         """
         _check_output(output_type, IMAGE_OUTPUTS)
-        x = self._finish(self.unet, handoffs, class_labels, num_inference_steps or self.config.steps,
-                         sampler or self.config.sampler, generator)
+        x = self._finish(self.unet, self.config.prediction, handoffs, class_labels,
+                         num_inference_steps or self.config.steps, sampler or self.config.sampler, generator)
         images = self._images(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -172,11 +183,13 @@ class CollaFuseSplitPipeline(_ChainPipeline):
 
     def __init__(self, server_unet: UNet2DModel, client_unet: UNet2DModel, scheduler: DDPMScheduler,
                  cut_level: int = 0, schedule: str = "linear", sampler: str = "ddim", server_steps: int = 40,
-                 client_steps: int = 10, client_id: int = 0):
+                 client_steps: int = 10, client_id: int = 0, server_prediction: str = "epsilon",
+                 client_prediction: str = "epsilon"):
         super().__init__()
         self.register_modules(server_unet=server_unet, client_unet=client_unet, scheduler=scheduler)
         self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, server_steps=server_steps,
-                                client_steps=client_steps, client_id=client_id)
+                                client_steps=client_steps, client_id=client_id, server_prediction=server_prediction,
+                                client_prediction=client_prediction)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: int | None = None,
@@ -194,33 +207,31 @@ class CollaFuseSplitPipeline(_ChainPipeline):
         sampler = sampler or self.config.sampler
         server_gen = torch.Generator().manual_seed(seed) if seed is not None else generator
         client_gen = torch.Generator().manual_seed(seed + 1) if seed is not None else generator
-        y = self._to_cut(self.server_unet, self.config.client_id, batch_size,
+        y = self._to_cut(self.server_unet, self.config.server_prediction, self.config.client_id, batch_size,
                          num_inference_steps or self.config.server_steps, sampler, server_gen)
-        x = self._finish(self.client_unet, y, class_labels, client_inference_steps or self.config.client_steps,
-                         sampler, client_gen)
+        x = self._finish(self.client_unet, self.config.client_prediction, y, class_labels,
+                         client_inference_steps or self.config.client_steps, sampler, client_gen)
         images = self._images(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
 def pipeline_of(fed, part: str, client: int | None = None) -> DiffusionPipeline:
     """The pipeline of one party of a built federation (sampling weights: the EMA where the run keeps one)."""
-    s = fed.cfg.sampling
-    for side in ("server", "client") if part == "split" else (part,):
-        if getattr(fed.cfg, side).prediction != "epsilon":  # the pipelines read the nets' output as noise
-            raise ValueError(f"this run's {side} predicts v ({side}.prediction=v); the exported pipelines step "
-                             f"ε-prediction models only: export runs with prediction epsilon")
-    common = dict(scheduler=chain_scheduler(fed.schedule), cut_level=fed.cut_level, schedule=fed.schedule.kind,
-                  sampler=s.sampler)
+    s, server, client_side = fed.cfg.sampling, fed.cfg.server.prediction, fed.cfg.client.prediction
+    common = dict(scheduler=chain_scheduler(fed.schedule, server if part == "server" else client_side),
+                  cut_level=fed.cut_level, schedule=fed.schedule.kind, sampler=s.sampler)
     if part == "server":
-        return CollaFuseServerPipeline(fed.server.ema.model.unet, steps=s.server_steps, **common)
+        return CollaFuseServerPipeline(fed.server.ema.model.unet, steps=s.server_steps, prediction=server, **common)
     model = fed.clients[client].ema.model
     if model.vector_embed is not None:
         raise ValueError("this run's clients condition on attribute vectors (client.condition=attributes), whose "
                          "projection is not a diffusers model; export runs with client.condition none or class")
     if part == "client":
-        return CollaFuseClientPipeline(model.unet, steps=s.client_steps, client_id=client, **common)
+        return CollaFuseClientPipeline(model.unet, steps=s.client_steps, client_id=client, prediction=client_side,
+                                       **common)
     return CollaFuseSplitPipeline(fed.server.ema.model.unet, model.unet, server_steps=s.server_steps,
-                                  client_steps=s.client_steps, client_id=client, **common)
+                                  client_steps=s.client_steps, client_id=client, server_prediction=server,
+                                  client_prediction=client_side, **common)
 
 
 def export_run(run_dir: Path, part: str, out: Path, client: int | None = None) -> Path:
@@ -306,6 +317,7 @@ def model_card(cfg, cut_level: int, part: str, client: int | None, metrics: dict
     dp, disclosure = _only(m.get("dp"), clients), m.get("disclosure")
     run = {"part": part, "client": client, "cut": cfg.cut, "cut_level": cut_level, "T": cfg.schedule.T,
            "schedule": cfg.schedule.kind, "sampler": cfg.sampling.sampler,
+           "prediction": {"server": cfg.server.prediction, "client": cfg.client.prediction},
            "data": {"name": cfg.data.name, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
                     "clients": cfg.data.clients, "partition": cfg.data.partition},
            "quality": quality, "dp": dp, "disclosure": disclosure}

@@ -122,10 +122,19 @@ def test_split_sampling_with_v_on_both_sides_equals_one_piecewise_chain(trained,
     assert torch.equal(split, whole) and split.isfinite().all()
 
 
-def test_export_refuses_a_v_model(trained):
-    from collafuse.export import pipeline_of
-    with pytest.raises(ValueError, match=r"predicts v \(server.prediction=v\).*ε-prediction models only"):
-        pipeline_of(trained, "split", 0)
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_an_exported_v_run_samples_as_the_run(trained, sampler, tmp_path):
+    """Saved and loaded, the split pipeline of a v run turns both nets' v into noise exactly as the roles do."""
+    from collafuse.export import CollaFuseSplitPipeline, pipeline_of
+    pipeline_of(trained, "split", 0).save_pretrained(tmp_path)
+    pipe = CollaFuseSplitPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert (pipe.config.server_prediction, pipe.config.client_prediction) == ("v", "v")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # the client's v is on the chain itself
+    got = pipe(batch_size=4, seed=5, sampler=sampler, num_inference_steps=5, client_inference_steps=3,
+               output_type="pt").images
+    want = split_sample(trained, trained.clients[0], 4, server_steps=5, client_steps=3, sampler=sampler, seed=5)
+    assert torch.equal(got, (want.clamp(-1, 1) / 2 + 0.5).clamp(0, 1))
 
 
 def test_warm_up_then_cosine_decay():

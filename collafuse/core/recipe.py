@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from collafuse.core.schedule import per_record
+from collafuse.core.schedule import NoiseSchedule, per_record
 
 PREDICTIONS = ("epsilon", "v")
 LOSS_WEIGHTINGS = ("uniform", "min-snr")
@@ -63,6 +63,17 @@ class Objective:
         if self.prediction == "epsilon":
             return out
         return per_record(a.sqrt(), x_t) * out + per_record((1 - a).sqrt(), x_t) * x_t
+
+    def client_noise(self, out: torch.Tensor, schedule: NoiseSchedule, x_t: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+        """The chain's noise ε at x_t (levels t <= t_c) from a client network's output: its process is the chain."""
+        return self.predicted_noise(out, schedule.alpha_bar[t.cpu()], x_t)
+
+    def server_noise(self, out: torch.Tensor, schedule: NoiseSchedule, t_c: int, x_t: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+        """The full chain's noise ε at x_t (levels t > t_c) from the server network's output: its own e', rescaled."""
+        e = self.predicted_noise(out, schedule.server_alpha_bar(t_c, t), x_t)
+        return per_record(schedule.server_eps_scale(t_c, t), x_t) * e
 
 
 @dataclass(frozen=True)

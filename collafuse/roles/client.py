@@ -193,7 +193,7 @@ class Client:
     def eps_fn(self, cond: torch.Tensor | None):
         """Noise prediction of the sampling (EMA) weights for levels <= t_c."""
         def fn(x, t):
-            return self.objective.predicted_noise(self.ema.model(x, t, cond), self.schedule.alpha_bar[t.cpu()], x)
+            return self.objective.client_noise(self.ema.model(x, t, cond), self.schedule, x, t)
         return fn
 
     def sampling_request(self, n: int, steps: int, sampler: str, seed: int) -> SamplingRequest:

@@ -153,10 +153,7 @@ class Server:
             label = None
             if self.client_cond:
                 label = client_id.to(t.device) if torch.is_tensor(client_id) else torch.full_like(t, client_id)
-            out = self.ema.model(x, t, label)
-            e = self.objective.predicted_noise(out, self.schedule.server_alpha_bar(self.t_c, t), x)  # its own e'
-            scale = self.schedule.server_eps_scale(self.t_c, t.cpu()).to(x.device, x.dtype).view(-1, 1, 1, 1)
-            return scale * e
+            return self.objective.server_noise(self.ema.model(x, t, label), self.schedule, self.t_c, x, t)
         return fn
 
     def sample_to_cut(self, req: SamplingRequest) -> SamplingHandoffs:
