@@ -23,15 +23,18 @@ from collafuse.config import load_config
 from collafuse.measure.sweep import parse_seeds, sweep
 
 BOTH = ("server", "client")
+EPSILON = [f"{r}.prediction=epsilon" for r in BOTH]  # explicit: the defaults are now v
+V = [f"{r}.prediction=v" for r in BOTH]
+MIN_SNR = [f"{r}.loss_weighting=min-snr" for r in BOTH]
+LR_SCHEDULE = ["server.lr_warmup_steps=25", "client.lr_warmup_steps=10", *(f"{r}.lr_decay=cosine" for r in BOTH)]
 RECIPES = {
-    "base": [],  # DDPM: epsilon, uniform levels, constant lr
-    "min-snr": [f"{r}.loss_weighting=min-snr" for r in BOTH],
-    "v": [f"{r}.prediction=v" for r in BOTH],
-    "lr-schedule": ["server.lr_warmup_steps=25", "client.lr_warmup_steps=10",
-                    *(f"{r}.lr_decay=cosine" for r in BOTH)],
+    "base": EPSILON,  # DDPM: epsilon, uniform levels, constant lr
+    "min-snr": EPSILON + MIN_SNR,
+    "v": V,
+    "lr-schedule": EPSILON + LR_SCHEDULE,
+    "all": V + MIN_SNR + LR_SCHEDULE,
+    "v+min-snr": V + MIN_SNR,
 }
-RECIPES["all"] = [o for name in ("min-snr", "v", "lr-schedule") for o in RECIPES[name]]
-RECIPES["v+min-snr"] = RECIPES["v"] + RECIPES["min-snr"]
 
 
 def mean_sd(values: list[float]) -> str:
