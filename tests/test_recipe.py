@@ -53,7 +53,7 @@ def _min_snr(a, gamma=5.0):
 
 
 def test_each_side_weighs_by_its_own_snr():
-    fed = federation("server.loss_weighting=min-snr", "client.loss_weighting=min-snr")
+    fed = federation("server.prediction=epsilon", "client.prediction=epsilon")  # min-snr: the default weighting
     ab, t_c, server, client = fed.schedule.alpha_bar, fed.cut_level, fed.server, fed.clients[0]
 
     def client_draws(g):
@@ -191,7 +191,11 @@ def test_bad_recipe_values_are_refused(override, message):
 
 
 def test_the_recipe_is_set_per_side():
-    cfg = load_config("smoke", RECIPE[::2] + ["server.min_snr_gamma=2"])
-    assert cfg.server.objective() == Objective("v", "min-snr", 2)
+    default = load_config("default")  # the measured recipe (benchmarks/README.md) on both sides
+    assert default.server.objective() == default.client.objective() == Objective("v", "min-snr", 5.0)
+    cfg = load_config("smoke", ["server.prediction=epsilon", "server.loss_weighting=uniform",
+                                "server.lr_warmup_steps=3", "server.lr_decay=cosine", "client.min_snr_gamma=2"])
+    assert cfg.server.objective() == Objective()  # plain DDPM
     assert cfg.server.lr_schedule(30) == LRSchedule(3, "cosine", 30)
-    assert cfg.client.objective() == Objective() and cfg.client.lr_schedule(20) == LRSchedule(total_steps=20)
+    assert cfg.client.objective() == Objective("v", "min-snr", 2)
+    assert cfg.client.lr_schedule(20) == LRSchedule(total_steps=20)
