@@ -34,7 +34,7 @@ def test_together_equals_one_by_one(overrides):
         # The functions agree; single weights may not: a bias in front of a GroupNorm has a zero gradient up to
         # rounding, which Adam scales to full-size steps in either run.
         for model_a, model_b in ((a.model, b.model), (a.ema.model, b.ema.model)):
-            torch.testing.assert_close(outputs(b, model_b), outputs(a, model_a), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(outputs(b, model_b), outputs(a, model_a), rtol=1e-4, atol=5e-5)
         assert torch.equal(a.gen.get_state(), b.gen.get_state())
         assert (a.steps_done, a.ema.updates) == (b.steps_done, b.ema.updates) == (10, 10)
         state_a, state_b = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
