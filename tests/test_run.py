@@ -28,7 +28,8 @@ def test_smoke_run_writes_a_self_explaining_folder(smoke_run):
                                                "samples_client0.png", "samples_client1.png", "samples_client2.png"}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["cut"] == 0.2 and cfg["data"]["name"] == "digits"  # the fully resolved config
-    assert "client 0: FID" in output and "bytes up" in output
+    assert "client 2: FID" in output and "bytes up" in output
+    assert "client 0: samples are indistinguishable from noise (KID score 0.00" in output  # said, not hidden
 
 
 def test_smoke_run_pinned_numbers(smoke_run):
