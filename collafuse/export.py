@@ -33,8 +33,8 @@ QUALITY_KEYS = ("fid", "kid_mean", "kid_std", "kid_score", "failed", "own_class_
 def chain_scheduler(schedule: NoiseSchedule, prediction: str = "epsilon") -> DDPMScheduler:
     """The run's chain as a diffusers scheduler: T and the betas of ᾱ, no clipping (a handoff is not an image).
 
-    Its prediction_type is what the client's net outputs on the chain; the server's v or ε is on its own process
-    (ᾱ' = ᾱ(t)/ᾱ(t_c)), which no diffusers scheduler steps.
+    Its prediction_type records what the pipeline's net outputs. A client's is on the chain itself; the server's
+    v or ε is on its own process (ᾱ' = ᾱ(t)/ᾱ(t_c)), which no diffusers scheduler steps.
     """
     ab = schedule.alpha_bar
     return DDPMScheduler(num_train_timesteps=schedule.T, trained_betas=(1 - ab[1:] / ab[:-1]).tolist(),
