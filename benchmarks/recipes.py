@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/recipes.py --recipes base,all --cut 0.2
 
 Every recipe trains the default preset (MNIST 16 px, 5 Dirichlet clients) for --rounds rounds of 150
-server and 60 client steps (the same steps, so the same wall budget up to the recipe's own cost), two runs
+server and 60 client steps (the same steps, so the same wall budget up to the recipe's own cost; the
+server-heavy and client-heavy recipes share about the same wall between the sides differently), two runs
 at a time on one thread each, and is measured as `collafuse run` measures (64 samples a client, DDIM 40 +
 10 steps, FID/KID on the domain features against each client's held-out images). Disclosure is not
 measured here: the recipe changes what is learnt, not what is sent. Prints a markdown table: per recipe
@@ -34,6 +35,10 @@ RECIPES = {
     "lr-schedule": EPSILON + LR_SCHEDULE,
     "all": V + MIN_SNR + LR_SCHEDULE,
     "v+min-snr": V + MIN_SNR,
+    # How the steps are shared between the sides, at about the default's wall per round (a server step costs
+    # ~2.5x a client step on one thread: 150 x 2.5 + 5 clients x 60 = 675 client-step units a round).
+    "server-heavy": V + MIN_SNR + ["server.steps_per_round=225", "client.steps_per_round=30"],  # 713 units
+    "client-heavy": V + MIN_SNR + ["server.steps_per_round=75", "client.steps_per_round=105"],  # 713 units
 }
 
 
