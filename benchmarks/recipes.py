@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/recipes.py --cut 0.4 --seeds 0,1 --rounds 3      # ~50 min on 2 cores
     .venv/bin/python benchmarks/recipes.py --recipes base,all --cut 0.2
+    .venv/bin/python benchmarks/recipes.py --recipes cosine --cut 0.706   # handoffs as noisy as linear's at 0.4
 
 Every recipe trains the default preset (MNIST 16 px, 5 Dirichlet clients) for --rounds rounds of 150
 server and 60 client steps (the same steps, so the same wall budget up to the recipe's own cost; the
@@ -39,6 +40,10 @@ RECIPES = {
     # ~2.5x a client step on one thread: 150 x 2.5 + 5 clients x 60 = 675 client-step units a round).
     "server-heavy": V + MIN_SNR + ["server.steps_per_round=225", "client.steps_per_round=30"],  # 713 units
     "client-heavy": V + MIN_SNR + ["server.steps_per_round=75", "client.steps_per_round=105"],  # 713 units
+    # Nichol & Dhariwal's cosine schedule. Run it at the cut where its handoffs keep the signal fraction of the
+    # linear schedule's (--cut 0.706: ᾱ = 0.196 as linear's at 0.4; --cut 0.392 for linear's 0.2), so the
+    # server sees equally noisy handoffs: the schedule then changes how the levels are shared, not the disclosure.
+    "cosine": V + MIN_SNR + ["schedule.kind=cosine"],
 }
 
 
