@@ -69,6 +69,13 @@ class ServerConfig(TrainingRecipe):
     batch_size: int = 64
     lr: float = 1e-3
     client_cond: bool = True  # condition on the client id: personalises the server without any label
+    # Classifier-free guidance on the client id (Ho & Salimans 2022): label_dropout trains this share of rows
+    # with a null label, so the one net also learns the score of all clients together; guidance w samples
+    # with uncond + w·(cond - uncond) (1 = the plain conditional net, 0 = unconditional, > 1 = more like this
+    # client and less like the others, at twice the server's sampling calls). The disclosure attacks use the
+    # conditional net whatever w is: guidance changes what a client gets, not what the server can score.
+    label_dropout: float = 0.0
+    guidance: float = 1.0
     ema_decay: float = 0.995  # sampling weights: EMA over ~200 steps (0 = off)
     max_samples: int = 1024  # the most samples one client may ask for (bounds the work a request costs)
     max_records_per_client: int = 1_000_000  # the most records a client may declare (bounds its store)
@@ -241,6 +248,7 @@ def validate(cfg: Config) -> None:
     if cfg.client.condition not in ("none", "class", "attributes"):
         raise ValueError(f"client.condition {cfg.client.condition!r} is unknown; choose none, class or attributes")
     store_dtype(cfg.server.store_dtype)  # raises on a storage dtype the store does not know
+    check_guidance(cfg.server)
     if cfg.handoff.mode not in ("once", "fresh"):
         raise ValueError(f"handoff.mode {cfg.handoff.mode!r} is unknown; choose once or fresh")
     if cfg.client.noise_secret not in NOISE_SECRETS:
@@ -272,3 +280,18 @@ def validate(cfg: Config) -> None:
 
 
 NOISE_SECRETS = ("private", "pinned-for-tests")
+
+
+def check_guidance(server: ServerConfig) -> None:
+    """Guidance needs a net that also learnt the null label: reject a w it cannot honour, before training."""
+    p, w = server.label_dropout, server.guidance
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"server.label_dropout must be in [0, 1) (0.1 is usual), got {p!r}")
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 20.0:
+        raise ValueError(f"server.guidance must be a number in [0, 20] (1 = no guidance), got {w!r}")
+    if p and not server.client_cond:
+        raise ValueError("server.label_dropout needs server.client_cond = true: an unconditional server has no "
+                         "label to drop")
+    if w != 1 and not p:
+        raise ValueError(f"server.guidance = {w} needs a net trained with null labels: set server.label_dropout "
+                         f"(e.g. 0.1) when training, or keep guidance at 1")

@@ -41,13 +41,22 @@ def chain_scheduler(schedule: NoiseSchedule, prediction: str = "epsilon") -> DDP
                          clip_sample=False, prediction_type={"epsilon": "epsilon", "v": "v_prediction"}[prediction])
 
 
-def server_eps(unet: UNet2DModel, prediction: str, schedule: NoiseSchedule, cut_level: int, client_id: int):
+def server_eps(unet: UNet2DModel, prediction: str, schedule: NoiseSchedule, cut_level: int, client_id: int,
+               guidance: float = 1.0, null_label: int | None = None):
     """Full-chain noise prediction of the server's net for one client, as Server.eps_fn computes it."""
     objective = Objective(prediction)
 
     def fn(x, t):
-        label = torch.full_like(t, client_id) if unet.config.num_class_embeds else None
-        return objective.server_noise(unet(x, t, class_labels=label).sample, schedule, cut_level, x, t)
+        if not unet.config.num_class_embeds:
+            return objective.server_noise(unet(x, t).sample, schedule, cut_level, x, t)
+        label = torch.full_like(t, client_id)
+        if guidance == 1:
+            out = unet(x, t, class_labels=label).sample
+        else:
+            cond, uncond = unet(torch.cat([x, x]), torch.cat([t, t]),
+                                class_labels=torch.cat([label, torch.full_like(t, null_label)])).sample.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        return objective.server_noise(out, schedule, cut_level, x, t)
     return fn
 
 
@@ -85,16 +94,20 @@ class _ChainPipeline(DiffusionPipeline):
                 return eps_fn(x_t, t)
             return sample_levels(ticking, x, levels, schedule, eta_of(sampler), generator)
 
-    def _to_cut(self, unet, prediction: str, client_id: int, n: int, steps: int, sampler: str,
-                generator) -> torch.Tensor:
+    def _to_cut(self, unet, prediction: str, client_id: int, n: int, steps: int, sampler: str, generator,
+                guidance: float) -> torch.Tensor:
         """Levels T..t_c for one client, as Server.sample_to_cut (noise drawn on the CPU from `generator`)."""
-        classes = unet.config.num_class_embeds
-        if classes and not 0 <= client_id < classes:
-            raise ValueError(f"client_id {client_id} is not one of this server's clients 0..{classes - 1}")
+        null = self.config.null_label
+        clients = null if null is not None else unet.config.num_class_embeds  # the null label is no client's
+        if clients and not 0 <= client_id < clients:
+            raise ValueError(f"client_id {client_id} is not one of this server's clients 0..{clients - 1}")
+        if guidance != 1 and null is None:
+            raise ValueError(f"guidance_scale {guidance} needs a server trained with label dropout "
+                             f"(server.label_dropout > 0); this one was not: keep guidance_scale at 1")
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         schedule, t_c = self.noise_schedule, self.config.cut_level
         x = torch.randn((n, *shape), generator=generator).to(self.device)
-        x = self._descend(schedule, server_eps(unet, prediction, schedule, t_c, client_id), x,
+        x = self._descend(schedule, server_eps(unet, prediction, schedule, t_c, client_id, guidance, null), x,
                           level_grid(schedule.T, t_c, steps), sampler, generator)
         return x.float().cpu()
 
@@ -130,23 +143,26 @@ class CollaFuseServerPipeline(_ChainPipeline):
     """Noise -> handoffs at t_c for one client: the server operator's part (levels T..t_c+1)."""
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cut_level: int = 0, schedule: str = "linear",
-                 sampler: str = "ddim", steps: int = 40, prediction: str = "epsilon"):
+                 sampler: str = "ddim", steps: int = 40, prediction: str = "epsilon", guidance_scale: float = 1.0,
+                 null_label: int | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, steps=steps,
-                                prediction=prediction)
+                                prediction=prediction, guidance_scale=guidance_scale, null_label=null_label)
 
     @torch.no_grad()
     def __call__(self, client_id: int, batch_size: int = 1, num_inference_steps: int | None = None,
-                 sampler: str | None = None, generator: torch.Generator | None = None, output_type: str = "pt",
-                 return_dict: bool = True):
+                 sampler: str | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pt", return_dict: bool = True):
         """Handoffs (batch_size, C, H, W), unclipped, for client `client_id`.
 
         A CPU `generator` seeded s gives exactly the handoffs `collafuse sample --seed s` sends that client.
+        `guidance_scale` defaults to the run's server.guidance.
         """
         _check_output(output_type, HANDOFF_OUTPUTS)
         y = self._to_cut(self.unet, self.config.prediction, client_id, batch_size,
-                         num_inference_steps or self.config.steps, sampler or self.config.sampler, generator)
+                         num_inference_steps or self.config.steps, sampler or self.config.sampler, generator,
+                         self.config.guidance_scale if guidance_scale is None else guidance_scale)
         y = y if output_type == "pt" else y.numpy()
         return ImagePipelineOutput(images=y) if return_dict else (y,)
 
@@ -184,22 +200,24 @@ class CollaFuseSplitPipeline(_ChainPipeline):
     def __init__(self, server_unet: UNet2DModel, client_unet: UNet2DModel, scheduler: DDPMScheduler,
                  cut_level: int = 0, schedule: str = "linear", sampler: str = "ddim", server_steps: int = 40,
                  client_steps: int = 10, client_id: int = 0, server_prediction: str = "epsilon",
-                 client_prediction: str = "epsilon"):
+                 client_prediction: str = "epsilon", guidance_scale: float = 1.0, null_label: int | None = None):
         super().__init__()
         self.register_modules(server_unet=server_unet, client_unet=client_unet, scheduler=scheduler)
         self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, server_steps=server_steps,
                                 client_steps=client_steps, client_id=client_id, server_prediction=server_prediction,
-                                client_prediction=client_prediction)
+                                client_prediction=client_prediction, guidance_scale=guidance_scale,
+                                null_label=null_label)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: int | None = None,
-                 client_inference_steps: int | None = None, sampler: str | None = None, seed: int | None = None,
+                 client_inference_steps: int | None = None, sampler: str | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True):
         """Images of client `client_id` (the config's) through the whole chain.
 
         `seed` = s equals `collafuse sample --seed s` bit for bit on CPU: the server's side draws from a
         generator seeded s, the client's from one seeded s + 1, as split_sample does. A `generator` instead
-        drives both sides from its one stream.
+        drives both sides from its one stream. `guidance_scale` (the server's) defaults to the run's.
         """
         _check_output(output_type, IMAGE_OUTPUTS)
         if seed is not None and generator is not None:
@@ -208,7 +226,8 @@ class CollaFuseSplitPipeline(_ChainPipeline):
         server_gen = torch.Generator().manual_seed(seed) if seed is not None else generator
         client_gen = torch.Generator().manual_seed(seed + 1) if seed is not None else generator
         y = self._to_cut(self.server_unet, self.config.server_prediction, self.config.client_id, batch_size,
-                         num_inference_steps or self.config.server_steps, sampler, server_gen)
+                         num_inference_steps or self.config.server_steps, sampler, server_gen,
+                         self.config.guidance_scale if guidance_scale is None else guidance_scale)
         x = self._finish(self.client_unet, self.config.client_prediction, y, class_labels,
                          client_inference_steps or self.config.client_steps, sampler, client_gen)
         images = self._images(x, output_type)
@@ -220,8 +239,10 @@ def pipeline_of(fed, part: str, client: int | None = None) -> DiffusionPipeline:
     s, server, client_side = fed.cfg.sampling, fed.cfg.server.prediction, fed.cfg.client.prediction
     common = dict(scheduler=chain_scheduler(fed.schedule, server if part == "server" else client_side),
                   cut_level=fed.cut_level, schedule=fed.schedule.kind, sampler=s.sampler)
+    guided = dict(guidance_scale=fed.server.guidance, null_label=fed.server.null_label)
     if part == "server":
-        return CollaFuseServerPipeline(fed.server.ema.model.unet, steps=s.server_steps, prediction=server, **common)
+        return CollaFuseServerPipeline(fed.server.ema.model.unet, steps=s.server_steps, prediction=server, **guided,
+                                       **common)
     model = fed.clients[client].ema.model
     if model.vector_embed is not None:
         raise ValueError("this run's clients condition on attribute vectors (client.condition=attributes), whose "
@@ -231,7 +252,7 @@ def pipeline_of(fed, part: str, client: int | None = None) -> DiffusionPipeline:
                                        **common)
     return CollaFuseSplitPipeline(fed.server.ema.model.unet, model.unet, server_steps=s.server_steps,
                                   client_steps=s.client_steps, client_id=client, server_prediction=server,
-                                  client_prediction=client_side, **common)
+                                  client_prediction=client_side, **guided, **common)
 
 
 def export_run(run_dir: Path, part: str, out: Path, client: int | None = None) -> Path:
@@ -318,6 +339,7 @@ def model_card(cfg, cut_level: int, part: str, client: int | None, metrics: dict
     run = {"part": part, "client": client, "cut": cfg.cut, "cut_level": cut_level, "T": cfg.schedule.T,
            "schedule": cfg.schedule.kind, "sampler": cfg.sampling.sampler,
            "prediction": {"server": cfg.server.prediction, "client": cfg.client.prediction},
+           "guidance": cfg.server.guidance,
            "data": {"name": cfg.data.name, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
                     "clients": cfg.data.clients, "partition": cfg.data.partition},
            "quality": quality, "dp": dp, "disclosure": disclosure}

@@ -116,7 +116,7 @@ def server_step_flops(server, n_samples: int) -> tuple[int, int]:
     if not server.has_levels:
         return 0, 0
     label = torch.zeros(server.batch_size, dtype=torch.long, device=server.device) if server.client_cond else None
-    return _step_flops(server.model, lambda _: server.eps_fn(0), shape=server.image_shape,
+    return _step_flops(server.model, lambda _: server.eps_fn(0, server.guidance), shape=server.image_shape,
                        levels=(server.t_c + 1, server.schedule.T), schedule=server.schedule, batch=server.batch_size,
                        n=n_samples, train_cond=label, sample_cond=None, device=server.device, seed=1)
 

@@ -21,16 +21,22 @@ class Server:
     def __init__(self, *, schedule: NoiseSchedule, cut_level: int, client_ids: list[int],
                  image_shape: tuple[int, int, int], model: ModelConfig, lr: float = 1e-3, batch_size: int = 64,
                  objective: Objective = Objective(), lr_schedule: LRSchedule = LRSchedule(),
-                 client_cond: bool = True, ema_decay: float = 0.0, seed: int = 0,
+                 client_cond: bool = True, label_dropout: float = 0.0, guidance: float = 1.0,
+                 ema_decay: float = 0.0, seed: int = 0,
                  device: torch.device | str = "cpu", store_dtype: str = "float32",
                  max_message_bytes: int | None = None, max_samples: int = 1024):
         self.schedule, self.t_c = schedule, cut_level
         self.client_ids, self.image_shape = sorted(client_ids), tuple(image_shape)
         self.device, self.batch_size = torch.device(device), batch_size
         self.client_cond = client_cond
-        # Client ids index the label embedding: the server personalises without seeing any class.
-        self.model = Denoiser(model, image_shape[-1], image_shape[0],
-                              max(self.client_ids) + 1 if client_cond else None, seed=seed).to(self.device)
+        if guidance != 1 and not label_dropout:
+            raise ValueError(f"guidance {guidance} needs a net trained with null labels (label_dropout > 0)")
+        # Client ids index the label embedding: the server personalises without seeing any class. With label
+        # dropout one more index, past every client's, is the null label of classifier-free guidance.
+        self.label_dropout, self.guidance = label_dropout, guidance
+        self.null_label = max(self.client_ids) + 1 if label_dropout else None
+        labels = (max(self.client_ids) + 1 + bool(label_dropout)) if client_cond else None
+        self.model = Denoiser(model, image_shape[-1], image_shape[0], labels, seed=seed).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.lr, self.lr_schedule, self.objective = lr, lr_schedule, objective
         self.ema = EMA(self.model, ema_decay)
@@ -57,7 +63,8 @@ class Server:
         return cls(schedule=schedule, cut_level=schedule.cut_level(cfg.cut), client_ids=list(range(cfg.data.clients)),
                    image_shape=image_shape, model=s.model, lr=s.lr, batch_size=s.batch_size, objective=s.objective(),
                    lr_schedule=s.lr_schedule(cfg.rounds * s.steps_per_round),
-                   client_cond=s.client_cond, ema_decay=s.ema_decay, seed=cfg.seed, device=device,
+                   client_cond=s.client_cond, label_dropout=s.label_dropout, guidance=s.guidance,
+                   ema_decay=s.ema_decay, seed=cfg.seed, device=device,
                    store_dtype=s.store_dtype, max_message_bytes=cfg.max_message_bytes, max_samples=s.max_samples)
 
     @property
@@ -136,6 +143,9 @@ class Server:
             t = torch.randint(self.t_c + 1, self.schedule.T + 1, (self.batch_size,), generator=self.gen)[mine]
             e = torch.randn((self.batch_size, *self.image_shape), generator=self.gen)[mine]
             y, owners = self.store.batch(idx)  # float32 whatever the store keeps
+            if self.label_dropout:  # drawn only then: a run without guidance keeps its random stream
+                drop = torch.rand(self.batch_size, generator=self.gen)[mine] < self.label_dropout
+                owners = owners.masked_fill(drop, self.null_label)
             x_t = to_device(self.schedule.renoise(y, self.t_c, t, e), self.device)
             label = to_device(owners, self.device) if self.client_cond else None
             # The server's own process: data y, noise e', signal fraction ᾱ'; eps_fn rescales to full-chain noise.
@@ -147,13 +157,23 @@ class Server:
         self.steps_done += steps
         return torch.stack(losses).tolist()  # the host waits for the device once, here
 
-    def eps_fn(self, client_id: int | torch.Tensor):
-        """Full-chain noise prediction for the requesting client, or per record for a batch of clients' records."""
+    def eps_fn(self, client_id: int | torch.Tensor, guidance: float = 1.0):
+        """Full-chain noise prediction for the requesting client, or per record for a batch of clients' records.
+
+        `guidance` w != 1 mixes in the null label's output, uncond + w·(cond - uncond), in one call of twice the
+        rows; the mix carries over to the noise because server_noise is affine in the output.
+        """
         def fn(x, t):
-            label = None
-            if self.client_cond:
-                label = client_id.to(t.device) if torch.is_tensor(client_id) else torch.full_like(t, client_id)
-            return self.objective.server_noise(self.ema.model(x, t, label), self.schedule, self.t_c, x, t)
+            if not self.client_cond:
+                return self.objective.server_noise(self.ema.model(x, t, None), self.schedule, self.t_c, x, t)
+            label = client_id.to(t.device) if torch.is_tensor(client_id) else torch.full_like(t, client_id)
+            if guidance == 1:
+                out = self.ema.model(x, t, label)
+            else:
+                cond, uncond = self.ema.model(torch.cat([x, x]), torch.cat([t, t]),
+                                              torch.cat([label, torch.full_like(label, self.null_label)])).chunk(2)
+                out = uncond + guidance * (cond - uncond)
+            return self.objective.server_noise(out, self.schedule, self.t_c, x, t)
         return fn
 
     def sample_to_cut(self, req: SamplingRequest) -> SamplingHandoffs:
@@ -177,7 +197,8 @@ class Server:
                 streams = [(torch.Generator().manual_seed(r.seed), r.n) for r in batch]
                 x = randn((sum(r.n for r in batch), *self.image_shape), streams)
                 owner = torch.cat([torch.full((r.n,), r.client_id) for r in batch]).to(self.device)
-                x = sample_levels(self.eps_fn(owner), x.to(self.device), level_grid(self.schedule.T, self.t_c, steps),
+                x = sample_levels(self.eps_fn(owner, self.guidance), x.to(self.device),
+                                  level_grid(self.schedule.T, self.t_c, steps),
                                   self.schedule, eta_of(sampler), streams)
                 for r, part in zip(batch, x.float().cpu().split([r.n for r in batch])):
                     done[id(r)] = part

@@ -1,0 +1,132 @@
+"""Classifier-free guidance on the client id: null-label training, guided sampling, export, and bad settings."""
+import pytest
+import torch
+
+from collafuse.config import load_config
+from collafuse.federation.inprocess import build
+from collafuse.measure.evaluate import split_sample
+
+GUIDED = ["server.label_dropout=0.25", "server.guidance=2.5"]
+
+
+def federation(*overrides):
+    """A smoke federation whose server holds one view of every record (it can train)."""
+    fed = build(load_config("smoke", ["data.max_records=200", *overrides]), device=torch.device("cpu"))
+    for client in fed.clients:
+        for batch in client.make_handoffs([0], 512):
+            fed.server.ingest(batch)
+    return fed
+
+
+@pytest.fixture(scope="module")
+def guided():
+    fed = federation(*GUIDED)
+    assert 0 < fed.server.train(4) < 10
+    return fed
+
+
+def test_label_dropout_trains_the_null_label_on_its_share_of_rows():
+    fed = federation(*GUIDED)
+    server, seen = fed.server, []
+    assert server.null_label == 3 and server.model.unet.config.num_class_embeds == 4  # clients 0..2, then null
+    forward = server.model.forward
+    server.model.forward = lambda x, t, label: (seen.append(label.clone()), forward(x, t, label))[1]
+    server.train(20)
+    labels = torch.cat(seen)
+    share = (labels == 3).float().mean().item()
+    assert 0.18 < share < 0.32  # 0.25 of 20 x 32 rows
+    assert set(labels.tolist()) == {0, 1, 2, 3}
+
+
+def test_without_dropout_the_server_is_as_before():
+    """No null label, no extra draw: a run that does not ask for guidance keeps its net and random stream."""
+    plain, dropped = federation(), federation("server.label_dropout=0.25")
+    assert plain.server.null_label is None and plain.server.model.unet.config.num_class_embeds == 3
+    state = plain.server.gen.get_state()
+    plain.server.train(1)
+    g = torch.Generator()
+    g.set_state(state)
+    torch.randint(plain.server.num_handoffs(), (32,), generator=g)
+    torch.randint(plain.cut_level + 1, plain.schedule.T + 1, (32,), generator=g)
+    torch.randn((32, *plain.server.image_shape), generator=g)
+    assert torch.equal(g.get_state(), plain.server.gen.get_state())  # three draws a step, none for dropout
+    dropped.server.train(1)
+    assert not torch.equal(dropped.server.gen.get_state(), plain.server.gen.get_state())
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
+def test_guided_noise_is_uncond_plus_w_times_the_difference(guided, w):
+    server, s, t_c = guided.server, guided.schedule, guided.cut_level
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(5, 1, 8, 8, generator=g), torch.randint(t_c + 1, s.T + 1, (5,), generator=g)
+    owner = torch.tensor([0, 1, 2, 2, 0])
+    with torch.no_grad():
+        cond, uncond = server.ema.model(x, t, owner), server.ema.model(x, t, torch.full((5,), 3))
+        want = server.objective.server_noise(uncond + w * (cond - uncond), s, t_c, x, t)
+        got = server.eps_fn(owner, w)(x, t)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(cond, uncond, atol=1e-3)  # the null label is a different input, so w matters
+    if w == 1.0:
+        with torch.no_grad():
+            assert torch.equal(got, server.objective.server_noise(cond, s, t_c, x, t))  # one call, no mixing
+
+
+def test_sampling_uses_the_run_s_guidance_and_the_attacks_the_conditional_net(guided):
+    server, client = guided.server, guided.clients[1]
+    req = client.sampling_request(3, 4, "ddim", 7)
+    sampled = server.sample_to_cut(req).handoffs
+    server.guidance = 1.0
+    try:
+        plain = server.sample_to_cut(req).handoffs
+    finally:
+        server.guidance = 2.5
+    assert not torch.allclose(sampled, plain, atol=1e-4)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), guided.cut_level + 5)
+    with torch.no_grad():
+        assert torch.equal(server.eps_fn(1)(x, t), server.eps_fn(1, 1.0)(x, t))  # eps_fn's default: no guidance
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_an_exported_guided_run_samples_as_the_run(guided, sampler, tmp_path):
+    from collafuse.export import CollaFuseServerPipeline, CollaFuseSplitPipeline, pipeline_of
+    pipeline_of(guided, "split", 0).save_pretrained(tmp_path / "split")
+    pipe = CollaFuseSplitPipeline.from_pretrained(tmp_path / "split")
+    pipe.set_progress_bar_config(disable=True)
+    assert (pipe.config.guidance_scale, pipe.config.null_label) == (2.5, 3)
+    got = pipe(batch_size=3, seed=5, sampler=sampler, num_inference_steps=4, client_inference_steps=3,
+               output_type="pt").images
+    want = split_sample(guided, guided.clients[0], 3, server_steps=4, client_steps=3, sampler=sampler, seed=5)
+    assert torch.equal(got, (want.clamp(-1, 1) / 2 + 0.5).clamp(0, 1))
+
+    pipeline_of(guided, "server").save_pretrained(tmp_path / "server")
+    server_pipe = CollaFuseServerPipeline.from_pretrained(tmp_path / "server")
+    server_pipe.set_progress_bar_config(disable=True)
+    req = guided.clients[2].sampling_request(2, 4, sampler, 9)
+    handoffs = server_pipe(client_id=2, batch_size=2, num_inference_steps=4, sampler=sampler,
+                           generator=torch.Generator().manual_seed(9)).images
+    assert torch.equal(handoffs, guided.server.sample_to_cut(req).handoffs)
+    with pytest.raises(ValueError, match="client_id 3 is not one of this server's clients 0..2"):
+        server_pipe(client_id=3)  # the null label is no client's
+
+
+def test_an_unguided_export_refuses_a_guidance_scale(tmp_path):
+    from collafuse.export import CollaFuseServerPipeline, pipeline_of
+    fed = federation()
+    pipeline_of(fed, "server").save_pretrained(tmp_path)
+    pipe = CollaFuseServerPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"guidance_scale 2 needs a server trained with label dropout"):
+        pipe(client_id=0, guidance_scale=2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["server.guidance=2"], r"server.guidance = 2 needs a net trained with null labels: set server.label_dropout"),
+    (["server.label_dropout=1"], r"server.label_dropout must be in \[0, 1\)"),
+    (["server.label_dropout=-0.1"], r"server.label_dropout must be in \[0, 1\)"),
+    (["server.label_dropout=true"], r"server.label_dropout must be in \[0, 1\)"),
+    (["server.label_dropout=0.1", "server.guidance=-1"], r"server.guidance must be a number in \[0, 20\]"),
+    (["server.label_dropout=0.1", "server.guidance=\"strong\""], r"server.guidance must be a number"),
+    (["server.label_dropout=0.1", "server.client_cond=false"], r"needs server.client_cond = true"),
+])
+def test_bad_guidance_settings_are_refused_before_training(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("smoke", overrides)
