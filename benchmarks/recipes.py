@@ -25,25 +25,28 @@ from collafuse.config import load_config
 from collafuse.measure.sweep import parse_seeds, sweep
 
 BOTH = ("server", "client")
-EPSILON = [f"{r}.prediction=epsilon" for r in BOTH]  # explicit: the defaults are now v
+# Every recipe starts from plain DDPM spelt out in full, so that none inherits a Config default: when the
+# defaults became v + min-SNR, a recipe that named only its own change silently ran with min-SNR too.
+PLAIN = [*(f"{r}.prediction=epsilon" for r in BOTH), *(f"{r}.loss_weighting=uniform" for r in BOTH),
+         *(f"{r}.lr_warmup_steps=0" for r in BOTH), *(f"{r}.lr_decay=constant" for r in BOTH)]
 V = [f"{r}.prediction=v" for r in BOTH]
 MIN_SNR = [f"{r}.loss_weighting=min-snr" for r in BOTH]
 LR_SCHEDULE = ["server.lr_warmup_steps=25", "client.lr_warmup_steps=10", *(f"{r}.lr_decay=cosine" for r in BOTH)]
 RECIPES = {
-    "base": EPSILON,  # DDPM: epsilon, uniform levels, constant lr
-    "min-snr": EPSILON + MIN_SNR,
-    "v": V,
-    "lr-schedule": EPSILON + LR_SCHEDULE,
-    "all": V + MIN_SNR + LR_SCHEDULE,
-    "v+min-snr": V + MIN_SNR,
+    "base": PLAIN,  # DDPM: epsilon, uniform levels, constant lr
+    "min-snr": PLAIN + MIN_SNR,
+    "v": PLAIN + V,
+    "lr-schedule": PLAIN + LR_SCHEDULE,
+    "all": PLAIN + V + MIN_SNR + LR_SCHEDULE,
+    "v+min-snr": PLAIN + V + MIN_SNR,  # the Config default since 2026-11-28
     # How the steps are shared between the sides, at about the default's wall per round (a server step costs
     # ~2.5x a client step on one thread: 150 x 2.5 + 5 clients x 60 = 675 client-step units a round).
-    "server-heavy": V + MIN_SNR + ["server.steps_per_round=225", "client.steps_per_round=30"],  # 713 units
-    "client-heavy": V + MIN_SNR + ["server.steps_per_round=75", "client.steps_per_round=105"],  # 713 units
+    "server-heavy": PLAIN + V + MIN_SNR + ["server.steps_per_round=225", "client.steps_per_round=30"],  # 713 units
+    "client-heavy": PLAIN + V + MIN_SNR + ["server.steps_per_round=75", "client.steps_per_round=105"],  # 713 units
     # Nichol & Dhariwal's cosine schedule. Run it at the cut where its handoffs keep the signal fraction of the
     # linear schedule's (--cut 0.706: ᾱ = 0.196 as linear's at 0.4; --cut 0.392 for linear's 0.2), so the
     # server sees equally noisy handoffs: the schedule then changes how the levels are shared, not the disclosure.
-    "cosine": V + MIN_SNR + ["schedule.kind=cosine"],
+    "cosine": PLAIN + V + MIN_SNR + ["schedule.kind=cosine"],
 }
 
 

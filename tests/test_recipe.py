@@ -199,3 +199,24 @@ def test_the_recipe_is_set_per_side():
     assert cfg.server.lr_schedule(30) == LRSchedule(3, "cosine", 30)
     assert cfg.client.objective() == Objective("v", "min-snr", 2)
     assert cfg.client.lr_schedule(20) == LRSchedule(total_steps=20)
+
+
+def test_each_ablation_recipe_is_what_its_name_says_whatever_the_defaults():
+    """benchmarks/recipes.py: a recipe that named only its change once inherited the new default's min-SNR."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes.py"
+    spec = importlib.util.spec_from_file_location("collafuse_benchmarks_recipes", path)
+    recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipes)
+    want = {"base": ("epsilon", "uniform", 0), "min-snr": ("epsilon", "min-snr", 0), "v": ("v", "uniform", 0),
+            "lr-schedule": ("epsilon", "uniform", 25), "all": ("v", "min-snr", 25), "v+min-snr": ("v", "min-snr", 0),
+            "server-heavy": ("v", "min-snr", 0), "client-heavy": ("v", "min-snr", 0), "cosine": ("v", "min-snr", 0)}
+    assert set(recipes.RECIPES) == set(want)
+    for name, (prediction, weighting, warmup) in want.items():
+        cfg = load_config("default", recipes.RECIPES[name])
+        for side in (cfg.server, cfg.client):
+            assert (side.prediction, side.loss_weighting) == (prediction, weighting), name
+            assert side.lr_decay == ("cosine" if warmup else "constant"), name
+        assert cfg.server.lr_warmup_steps == warmup, name
+    assert load_config("default", recipes.RECIPES["cosine"]).schedule.kind == "cosine"
