@@ -19,6 +19,8 @@ def _threads(n: Optional[int]) -> None:
 
 THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice). "
                        "1 is often fastest for the small models here, and always when other work shares the cores.")
+GUIDANCE = typer.Option(None, "--guidance", help="The server's classifier-free guidance scale for these samples "
+                        "(default: the run's server.guidance); the run must have trained with server.label_dropout.")
 
 
 def _fail(e: Exception) -> None:
@@ -70,12 +72,13 @@ def _echo_run(out: Path, metrics: dict) -> None:
 @app.command()
 def evaluate(run_dir: Path = typer.Option(..., "--run", help="A trained (or checkpointed) run folder."),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+             guidance: Optional[float] = GUIDANCE,
              threads: Optional[int] = THREADS):
     """Sample and measure a trained run again from its checkpoint, without training; rewrites metrics.json."""
     _threads(threads)
     from collafuse.federation.inprocess import evaluate_run
     try:
-        metrics, _ = evaluate_run(run_dir, progress=not quiet)
+        metrics, _ = evaluate_run(run_dir, progress=not quiet, guidance=guidance)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     _echo_run(run_dir, metrics)
@@ -89,6 +92,7 @@ def sample(run_dir: Path = typer.Option(..., "--run", help="A finished or checkp
            client_steps: Optional[int] = typer.Option(None, "--client-steps", help="Client-side steps."),
            seed: int = typer.Option(0, "--seed"),
            out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default <run>/sample_client<K>.png)."),
+           guidance: Optional[float] = GUIDANCE,
            threads: Optional[int] = THREADS):
     """Sample through the split chain for one client of a trained run and save a grid."""
     _threads(threads)
@@ -97,7 +101,7 @@ def sample(run_dir: Path = typer.Option(..., "--run", help="A finished or checkp
     from collafuse.measure.images import save_grid
     from collafuse.federation.inprocess import build, load_checkpoint
     try:
-        cfg = load_config(str(run_dir / "config.json"))
+        cfg = load_config(str(run_dir / "config.json"), [] if guidance is None else [f"server.guidance={guidance}"])
         fed = build(cfg)
         load_checkpoint(fed, run_dir)
         if not 0 <= client < len(fed.clients):

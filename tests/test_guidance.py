@@ -1,10 +1,13 @@
 """Classifier-free guidance on the client id: null-label training, guided sampling, export, and bad settings."""
+import json
+
 import pytest
 import torch
 
 from collafuse.config import load_config
 from collafuse.federation.inprocess import build
 from collafuse.measure.evaluate import split_sample
+from test_run import invoke
 
 GUIDED = ["server.label_dropout=0.25", "server.guidance=2.5"]
 
@@ -130,3 +133,29 @@ def test_an_unguided_export_refuses_a_guidance_scale(tmp_path):
 def test_bad_guidance_settings_are_refused_before_training(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config("smoke", overrides)
+
+
+QUICK = ["rounds=1", "server.steps_per_round=2", "client.steps_per_round=2", "sampling.n=8", "sampling.server_steps=3",
+         "sampling.client_steps=2", "eval.classifier_epochs=1", "eval.disclosure=false", "data.max_records=200"]
+
+
+def test_evaluate_and_sample_again_at_another_guidance(tmp_path):
+    """The guidance scale is chosen after training: evaluate records it in config.json beside its metrics."""
+    guided_run, plain_run = tmp_path / "guided", tmp_path / "plain"
+    sets = [a for o in QUICK for a in ("--set", o)]
+    assert invoke("run", "-c", "smoke", *sets, "--set", "server.label_dropout=0.2", "-o", str(guided_run)).exit_code == 0
+    first = json.loads((guided_run / "metrics.json").read_text())
+    result = invoke("evaluate", "--run", str(guided_run), "-q", "--guidance", "3")
+    assert result.exit_code == 0, result.output
+    assert json.loads((guided_run / "config.json").read_text())["server"]["guidance"] == 3.0
+    again = json.loads((guided_run / "metrics.json").read_text())
+    assert again["clients"]["0"]["fid"] != first["clients"]["0"]["fid"]  # other handoffs, other samples
+    result = invoke("sample", "--run", str(guided_run), "--client", "1", "--n", "2", "--guidance", "0",
+                    "--out", str(tmp_path / "s.png"))
+    assert result.exit_code == 0, result.output
+
+    assert invoke("run", "-c", "smoke", *sets, "-o", str(plain_run)).exit_code == 0
+    for args in (["evaluate", "--run", str(plain_run)], ["sample", "--run", str(plain_run), "--client", "0"]):
+        result = invoke(*args, "--guidance", "2")
+        assert result.exit_code == 2 and "needs a net trained with null labels" in result.output
+    assert json.loads((plain_run / "config.json").read_text())["server"]["guidance"] == 1.0  # nothing rewritten

@@ -245,8 +245,12 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = 
     return metrics, fed
 
 
-def evaluate_run(out: str | Path, *, progress: bool = True) -> tuple[dict, Federation]:
-    """Sample and measure a run folder's checkpoint again, without training; rewrites its metrics.json."""
+def evaluate_run(out: str | Path, *, progress: bool = True, guidance: float | None = None) -> tuple[dict, Federation]:
+    """Sample and measure a run folder's checkpoint again, without training; rewrites its metrics.json.
+
+    `guidance` samples the server's levels with that guidance scale instead of the run's (config.json then
+    records it, beside the metrics it produced); the run must have trained with server.label_dropout > 0.
+    """
     from collafuse.config import load_config
     out = Path(out)
     progress_file = out / CHECKPOINT / "progress.json"
@@ -256,7 +260,8 @@ def evaluate_run(out: str | Path, *, progress: bool = True) -> tuple[dict, Feder
     if "run" not in json.loads(progress_file.read_text()):  # only the round engine's checkpoints name their run
         raise ValueError(f"{out} holds a FedAvg baseline, which is measured as it finishes: delete its "
                          f"metrics.json and run its sweep again with --resume")
-    return run(load_config(str(out / "config.json")), out, resume=True, progress=progress, train=False)
+    cfg = load_config(str(out / "config.json"), [] if guidance is None else [f"server.guidance={guidance}"])
+    return run(cfg, out, resume=True, progress=progress, train=False)
 
 
 def open_run(cfg: Config, out: Path, *, resume: bool) -> tuple[Config, Federation]:
