@@ -41,11 +41,11 @@ class TrainingRecipe:
     # epsilon | v: with v = sqrt(ᾱ)·e - sqrt(1-ᾱ)·x0 an error reaches the x0 estimate at most 1:1, where an error
     # of e is amplified by sqrt((1-ᾱ)/ᾱ) at high noise (Salimans & Ho 2022). Sampling still gets e either way.
     # v on both sides, by measurement (benchmarks/README.md, recipes): the speckle of ε-trained samples goes, and
-    # local-only clients (c = 1) draw digits where ε gave saturated squares (mean KID 0.37 against 0.83).
+    # local-only clients (c = 1) draw digits where ε gave saturated squares (mean KID 0.36 against 1.06).
     prediction: str = "v"
     # uniform | min-snr: min-SNR-γ (Hang et al. 2023) stops near-clean levels, whose noise target is unpredictable,
     # from dominating the gradient (the server's SNR is its own: ᾱ' = ᾱ(t)/ᾱ(t_c), high just above the cut).
-    # min-snr with v, by measurement: mean FID 2.60 against v's 2.73 at c = 0.4, KID 0.29 against 0.37 at c = 1.
+    # min-snr with v, by measurement: mean FID 2.60 against v's 2.76 at c = 0.4, KID 0.28 against 0.36 at c = 1.
     loss_weighting: str = "min-snr"
     min_snr_gamma: float = 5.0  # min-snr's cap γ on the SNR: 5 is the paper's choice
     lr_warmup_steps: int = 0  # linear warm-up over these first steps: Adam's early moment estimates are noisy
