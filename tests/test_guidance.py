@@ -5,20 +5,11 @@ import pytest
 import torch
 
 from collafuse.config import load_config
-from collafuse.federation.inprocess import build
 from collafuse.measure.evaluate import split_sample
+from test_recipe import federation
 from test_run import invoke
 
 GUIDED = ["server.label_dropout=0.25", "server.guidance=2.5"]
-
-
-def federation(*overrides):
-    """A smoke federation whose server holds one view of every record (it can train)."""
-    fed = build(load_config("smoke", ["data.max_records=200", *overrides]), device=torch.device("cpu"))
-    for client in fed.clients:
-        for batch in client.make_handoffs([0], 512):
-            fed.server.ingest(batch)
-    return fed
 
 
 @pytest.fixture(scope="module")
