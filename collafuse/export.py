@@ -19,7 +19,7 @@ import torch
 import yaml
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 
-from collafuse.core.recipe import Objective
+from collafuse.core.recipe import Objective, guided_output
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 
@@ -49,13 +49,8 @@ def server_eps(unet: UNet2DModel, prediction: str, schedule: NoiseSchedule, cut_
     def fn(x, t):
         if not unet.config.num_class_embeds:
             return objective.server_noise(unet(x, t).sample, schedule, cut_level, x, t)
-        label = torch.full_like(t, client_id)
-        if guidance == 1:
-            out = unet(x, t, class_labels=label).sample
-        else:
-            cond, uncond = unet(torch.cat([x, x]), torch.cat([t, t]),
-                                class_labels=torch.cat([label, torch.full_like(t, null_label)])).sample.chunk(2)
-            out = uncond + guidance * (cond - uncond)
+        out = guided_output(lambda x, t, label: unet(x, t, class_labels=label).sample, x, t,
+                            torch.full_like(t, client_id), null_label, guidance)
         return objective.server_noise(out, schedule, cut_level, x, t)
     return fn
 

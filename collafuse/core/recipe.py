@@ -103,3 +103,14 @@ class LRSchedule:
             return 1.0
         done = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
+def guided_output(net, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, null_label: int | None,
+                  guidance: float) -> torch.Tensor:
+    """net(x, t, label), or with classifier-free guidance w != 1 uncond + w·(cond - uncond), in one call of twice
+    the rows; the mix carries over to the noise because each side's noise is affine in the output."""
+    if guidance == 1:
+        return net(x, t, label)
+    cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]),
+                       torch.cat([label, torch.full_like(label, null_label)])).chunk(2)
+    return uncond + guidance * (cond - uncond)

@@ -8,7 +8,7 @@ from torch import nn
 
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise, to_device
 from collafuse.core.protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest, handoff_bound
-from collafuse.core.recipe import LRSchedule, Objective
+from collafuse.core.recipe import LRSchedule, Objective, guided_output
 from collafuse.core.sampling import eta_of, level_grid, randn, row_batches, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors, split_prefix
@@ -158,21 +158,13 @@ class Server:
         return torch.stack(losses).tolist()  # the host waits for the device once, here
 
     def eps_fn(self, client_id: int | torch.Tensor, guidance: float = 1.0):
-        """Full-chain noise prediction for the requesting client, or per record for a batch of clients' records.
-
-        `guidance` w != 1 mixes in the null label's output, uncond + w·(cond - uncond), in one call of twice the
-        rows; the mix carries over to the noise because server_noise is affine in the output.
-        """
+        """Full-chain noise prediction for the requesting client, or per record for a batch of clients' records,
+        with classifier-free guidance w = `guidance` on the client id (1: none)."""
         def fn(x, t):
             if not self.client_cond:
                 return self.objective.server_noise(self.ema.model(x, t, None), self.schedule, self.t_c, x, t)
             label = client_id.to(t.device) if torch.is_tensor(client_id) else torch.full_like(t, client_id)
-            if guidance == 1:
-                out = self.ema.model(x, t, label)
-            else:
-                cond, uncond = self.ema.model(torch.cat([x, x]), torch.cat([t, t]),
-                                              torch.cat([label, torch.full_like(label, self.null_label)])).chunk(2)
-                out = uncond + guidance * (cond - uncond)
+            out = guided_output(self.ema.model, x, t, label, self.null_label, guidance)
             return self.objective.server_noise(out, self.schedule, self.t_c, x, t)
         return fn
 
