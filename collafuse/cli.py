@@ -17,8 +17,8 @@ def _threads(n: Optional[int]) -> None:
         torch.set_num_threads(n)
 
 
-THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice). "
-                       "1 is often fastest for the small models here, and always when other work shares the cores.")
+THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice, every core). "
+                       "1 when other work shares the cores: threads that wait for a busy core slow every step.")
 GUIDANCE = typer.Option(None, "--guidance", help="The server's classifier-free guidance scale for these samples "
                         "(default: the run's server.guidance); the run must have trained with server.label_dropout.")
 
