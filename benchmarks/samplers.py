@@ -1,12 +1,14 @@
 """Split sampling on a trained run: sampler and step counts per side against quality and network calls.
 
     .venv/bin/python benchmarks/samplers.py --run runs/benchmark-sweep/seed-0/cut-0.40 --n 64
+    .venv/bin/python benchmarks/samplers.py --run runs/default --threads 2     # the README demo's nets
 
 Every setting samples the same clients from the same checkpoint with the same seeds (the run's own
 sampling seeds) and measures each client's samples on its held-out images, with the run's evaluator
 (FID/KID on the domain features, own-class share). Network calls = server levels + client levels.
 "ddpm-full" is the ancestral chain over every level (T calls): the reference the fast samplers are
-judged against.
+judged against. A setting is SAMPLER-SERVER+CLIENT steps, or SERVER/CLIENT samplers for one per side
+("ddim/ddpm-40+200": DDIM above the cut, DDPM below it, as sampling.sampler / sampling.client_sampler).
 """
 from __future__ import annotations
 
@@ -23,16 +25,18 @@ from collafuse.federation.engine import sampling_seed
 from collafuse.federation.inprocess import build, load_checkpoint
 from collafuse.measure.evaluate import client_evaluations
 
-SETTINGS = ("ddpm-full", "ddim-40+10", "ddim-25+25", "ddim-45+5", "ddim-20+5", "ddim-10+10", "ddpm-40+10")
+SETTINGS = ("ddpm-full", "ddpm-100+200", "ddpm-50+100", "ddpm-25+25", "ddim/ddpm-40+200", "ddim-40+10",
+            "ddim-25+25")
 
 
-def parse(setting: str, cut_level: int, T: int) -> tuple[str, int, int]:
-    """(sampler, server steps, client steps) of a setting name."""
-    sampler, steps = setting.split("-")
+def parse(setting: str, cut_level: int, T: int) -> tuple[str, str, int, int]:
+    """(server sampler, client sampler, server steps, client steps) of a setting name."""
+    samplers, steps = setting.split("-")
+    sampler, _, client_sampler = samplers.partition("/")
     if steps == "full":
-        return sampler, T - cut_level, cut_level
+        return sampler, client_sampler or sampler, T - cut_level, cut_level
     server, client = steps.split("+")
-    return sampler, int(server), int(client)
+    return sampler, client_sampler or sampler, int(server), int(client)
 
 
 def main() -> None:
@@ -49,12 +53,12 @@ def main() -> None:
     evaluations = client_evaluations(fed)
     rows = []
     for setting in a.settings.split(","):
-        sampler, server_steps, client_steps = parse(setting, fed.cut_level, cfg.schedule.T)
+        sampler, client_sampler, server_steps, client_steps = parse(setting, fed.cut_level, cfg.schedule.T)
         t0, per_client = time.perf_counter(), {}
         # The server's levels for every client in one batch (as the round engine samples), then each client's.
         reqs = [c.sampling_request(a.n, server_steps, sampler, seed=sampling_seed(cfg, c.id)) for c in fed.clients]
         for c, handoffs in zip(fed.clients, fed.server.sample_to_cut_many(reqs)):
-            images = c.finish(handoffs, client_steps, sampler, sampling_seed(cfg, c.id) + 1)
+            images = c.finish(handoffs, client_steps, client_sampler, sampling_seed(cfg, c.id) + 1)
             per_client[c.id] = evaluations[c.id].measure(images)
         calls = min(server_steps, cfg.schedule.T - fed.cut_level) + min(client_steps, fed.cut_level)
         kids = [m["kid_mean"] for m in per_client.values()]

@@ -108,7 +108,7 @@ def sample(run_dir: Path = typer.Option(..., "--run", help="A finished or checkp
             raise ValueError(f"--client {client} does not exist; this run has clients 0..{len(fed.clients) - 1}")
         images = split_sample(fed, fed.clients[client], n, server_steps=steps or cfg.sampling.server_steps,
                               client_steps=client_steps or cfg.sampling.client_steps, sampler=cfg.sampling.sampler,
-                              seed=seed)
+                              client_sampler=cfg.sampling.client_sampler, seed=seed)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     path = out or run_dir / f"sample_client{client}.png"

@@ -195,28 +195,32 @@ class CollaFuseSplitPipeline(_ChainPipeline):
     def __init__(self, server_unet: UNet2DModel, client_unet: UNet2DModel, scheduler: DDPMScheduler,
                  cut_level: int = 0, schedule: str = "linear", sampler: str = "ddim", server_steps: int = 40,
                  client_steps: int = 10, client_id: int = 0, server_prediction: str = "epsilon",
-                 client_prediction: str = "epsilon", guidance_scale: float = 1.0, null_label: int | None = None):
+                 client_prediction: str = "epsilon", guidance_scale: float = 1.0, null_label: int | None = None,
+                 client_sampler: str | None = None):
         super().__init__()
         self.register_modules(server_unet=server_unet, client_unet=client_unet, scheduler=scheduler)
         self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, server_steps=server_steps,
                                 client_steps=client_steps, client_id=client_id, server_prediction=server_prediction,
                                 client_prediction=client_prediction, guidance_scale=guidance_scale,
-                                null_label=null_label)
+                                null_label=null_label, client_sampler=client_sampler)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: int | None = None,
                  client_inference_steps: int | None = None, sampler: str | None = None,
-                 guidance_scale: float | None = None, seed: int | None = None,
+                 client_sampler: str | None = None, guidance_scale: float | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True):
         """Images of client `client_id` (the config's) through the whole chain.
 
         `seed` = s equals `collafuse sample --seed s` bit for bit on CPU: the server's side draws from a
         generator seeded s, the client's from one seeded s + 1, as split_sample does. A `generator` instead
         drives both sides from its one stream. `guidance_scale` (the server's) defaults to the run's.
+        `sampler` runs the server's levels (default: the run's); `client_sampler` the client's (default: `sampler`
+        where one is passed, else the run's client sampler).
         """
         _check_output(output_type, IMAGE_OUTPUTS)
         if seed is not None and generator is not None:
             raise ValueError("pass seed (reproduces collafuse sample) or generator, not both")
+        client_sampler = client_sampler or sampler or self.config.client_sampler or self.config.sampler
         sampler = sampler or self.config.sampler
         server_gen = torch.Generator().manual_seed(seed) if seed is not None else generator
         client_gen = torch.Generator().manual_seed(seed + 1) if seed is not None else generator
@@ -224,7 +228,7 @@ class CollaFuseSplitPipeline(_ChainPipeline):
                          num_inference_steps or self.config.server_steps, sampler, server_gen,
                          self.config.guidance_scale if guidance_scale is None else guidance_scale)
         x = self._finish(self.client_unet, self.config.client_prediction, y, class_labels,
-                         client_inference_steps or self.config.client_steps, sampler, client_gen)
+                         client_inference_steps or self.config.client_steps, client_sampler, client_gen)
         images = self._images(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -244,10 +248,10 @@ def pipeline_of(fed, part: str, client: int | None = None) -> DiffusionPipeline:
                          "projection is not a diffusers model; export runs with client.condition none or class")
     if part == "client":
         return CollaFuseClientPipeline(model.unet, steps=s.client_steps, client_id=client, prediction=client_side,
-                                       **common)
+                                       **{**common, "sampler": s.client_sampler})
     return CollaFuseSplitPipeline(fed.server.ema.model.unet, model.unet, server_steps=s.server_steps,
                                   client_steps=s.client_steps, client_id=client, server_prediction=server,
-                                  client_prediction=client_side, **guided, **common)
+                                  client_prediction=client_side, client_sampler=s.client_sampler, **guided, **common)
 
 
 def export_run(run_dir: Path, part: str, out: Path, client: int | None = None) -> Path:
@@ -333,6 +337,7 @@ def model_card(cfg, cut_level: int, part: str, client: int | None, metrics: dict
     dp, disclosure = _only(m.get("dp"), clients), m.get("disclosure")
     run = {"part": part, "client": client, "cut": cfg.cut, "cut_level": cut_level, "T": cfg.schedule.T,
            "schedule": cfg.schedule.kind, "sampler": cfg.sampling.sampler,
+           "client_sampler": cfg.sampling.client_sampler,
            "prediction": {"server": cfg.server.prediction, "client": cfg.client.prediction},
            "guidance": cfg.server.guidance,
            "data": {"name": cfg.data.name, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
@@ -348,7 +353,7 @@ def model_card(cfg, cut_level: int, part: str, client: int | None, metrics: dict
              f"Trained with [collafuse](https://arxiv.org/abs/2406.14429): {WHO[part].format(client=client)}. "
              f"Cut c = {cfg.cut} (t_c = {cut_level} of T = {cfg.schedule.T}, {cfg.schedule.kind} schedule), data "
              f"`{cfg.data.name}` ({cfg.data.image_size} px, {cfg.data.clients} clients, {cfg.data.partition} "
-             f"partition), sampler {cfg.sampling.sampler}.", "",
+             f"partition), sampler {cfg.sampling.sampler} above the cut and {cfg.sampling.client_sampler} below it.", "",
              "```python", f"from collafuse.export import {cls.__name__}", "import torch", "",
              f'pipe = {cls.__name__}.from_pretrained(".")', USAGE[part], "```", "",
              "## Quality (each client's samples against its own held-out images)", ""]

@@ -47,11 +47,11 @@ def trained():
     return feds
 
 
-def _piecewise_chain(fed, client, x_T, server_levels, client_levels, eta, server_gen, client_gen):
+def _piecewise_chain(fed, client, x_T, server_levels, client_levels, eta, server_gen, client_gen, client_eta=None):
     """The whole chain in one loop with the piecewise model: the server's above the cut, the client's at or below.
 
     The DDPM noise of a level above the cut comes from the server's stream, below it from the client's:
-    each side draws its own, the split changes nothing else.
+    each side draws its own, the split changes nothing else. client_eta (default: eta) is the client side's.
     """
     s, t_c = fed.schedule, fed.cut_level
     server_fn, client_fn = fed.server.eps_fn(client.id), client.eps_fn(None)
@@ -59,8 +59,8 @@ def _piecewise_chain(fed, client, x_T, server_levels, client_levels, eta, server
     with torch.no_grad():
         for t, lower in zip(server_levels[:-1] + client_levels[:-1], server_levels[1:] + client_levels[1:]):
             level = torch.full((x.shape[0],), t)
-            fn, gen = (server_fn, server_gen) if t > t_c else (client_fn, client_gen)
-            x = step(s, x, fn(x, level), t, lower, eta, gen)
+            fn, gen, e = (server_fn, server_gen, eta) if t > t_c else (client_fn, client_gen, client_eta)
+            x = step(s, x, fn(x, level), t, lower, eta if e is None else e, gen)
     return x.clamp(-1, 1)
 
 
@@ -82,6 +82,24 @@ def test_split_sampling_through_the_wire_equals_one_piecewise_chain(trained, sam
     whole = _piecewise_chain(fed, client, x_T, server_levels, client_levels, eta_of(sampler), server_gen,
                              torch.Generator().manual_seed(6))
     assert torch.equal(split, whole)
+
+
+@pytest.mark.parametrize("sampler,client_sampler", [("ddim", "ddpm"), ("ddpm", "ddim")])
+def test_each_side_samples_with_its_own_sampler(trained, sampler, client_sampler):
+    """sampling.client_sampler: the server's levels with one sampler, the client's with the other, still one chain."""
+    from collafuse.measure.evaluate import split_sample
+    fed = trained[0.5]
+    client = fed.clients[0]
+    split = split_sample(fed, client, 4, server_steps=4, client_steps=6, sampler=sampler,
+                         client_sampler=client_sampler, seed=5)
+    server_gen = torch.Generator().manual_seed(5)
+    x_T = torch.randn((4, *fed.cfg.image_shape), generator=server_gen)
+    whole = _piecewise_chain(fed, client, x_T, level_grid(fed.schedule.T, fed.cut_level, 4),
+                             level_grid(fed.cut_level, 0, 6), eta_of(sampler), server_gen,
+                             torch.Generator().manual_seed(6), client_eta=eta_of(client_sampler))
+    assert torch.equal(split, whole)
+    same = split_sample(fed, client, 4, server_steps=4, client_steps=6, sampler=sampler, seed=5)
+    assert not torch.equal(split, same)  # the client's sampler changed its levels
 
 
 def test_no_clipping_at_the_handoff(model):
@@ -151,3 +169,45 @@ def test_server_samples_many_clients_in_one_batch_as_each_alone(trained, monkeyp
         for a, m in zip(alone, together):
             assert m.level == fed.cut_level and torch.allclose(a, m.handoffs, atol=1e-5)
     assert not torch.allclose(alone[0][:2], alone[3])  # each request keeps its own seed
+
+
+def test_the_exported_split_pipeline_keeps_each_side_s_sampler(trained, tmp_path):
+    """A run with a DDPM client side exports a split pipeline whose client side samples with DDPM by default."""
+    import dataclasses
+    from collafuse.export import CollaFuseSplitPipeline, pipeline_of
+    from collafuse.measure.evaluate import split_sample
+    fed = trained[0.5]
+    mixed = dataclasses.replace(fed.cfg.sampling, sampler="ddim", client_sampler="ddpm")
+    run = dataclasses.replace(fed, cfg=dataclasses.replace(fed.cfg, sampling=mixed))
+    pipeline_of(run, "split", 0).save_pretrained(tmp_path)
+    pipe = CollaFuseSplitPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert (pipe.config.sampler, pipe.config.client_sampler) == ("ddim", "ddpm")
+    got = pipe(batch_size=4, seed=5, num_inference_steps=4, client_inference_steps=6, output_type="pt").images
+    want = split_sample(fed, fed.clients[0], 4, server_steps=4, client_steps=6, sampler="ddim",
+                        client_sampler="ddpm", seed=5)
+    assert torch.equal(got, (want / 2 + 0.5).clamp(0, 1))
+    # a sampler named in the call runs both sides, as before client_sampler existed
+    both = pipe(batch_size=4, seed=5, num_inference_steps=4, client_inference_steps=6, sampler="ddim",
+                output_type="pt").images
+    want = split_sample(fed, fed.clients[0], 4, server_steps=4, client_steps=6, sampler="ddim", seed=5)
+    assert torch.equal(both, (want / 2 + 0.5).clamp(0, 1))
+
+
+@pytest.mark.parametrize("key", ["sampler", "client_sampler"])
+def test_an_unknown_sampler_is_refused_before_training(key):
+    from collafuse.config import load_config
+    with pytest.raises(ValueError) as err:
+        load_config("smoke", [f"sampling.{key}=euler"])
+    assert str(err.value) == f"sampling.{key} must be one of ddpm, ddim, got 'euler'"
+
+
+def test_a_run_config_from_before_client_sampler_samples_its_client_as_it_did(tmp_path):
+    """An older run's config.json has one sampler for both sides: its client keeps it (not today's default)."""
+    import json
+    from collafuse.config import load_config
+    old = load_config("smoke").to_dict()
+    del old["sampling"]["client_sampler"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert load_config(str(tmp_path / "config.json")).sampling.client_sampler == "ddim"
+    assert load_config("default").sampling.client_sampler == "ddpm"  # new runs: DDPM on both sides

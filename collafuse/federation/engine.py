@@ -93,7 +93,7 @@ def serve_samples(client: Client, cfg: Config, blob: bytes, evaluation, folder: 
     msg = protocol.decode(blob, client_limits(client, cfg), expect=SamplingHandoffs)
     s = cfg.sampling
     t0 = time.perf_counter()
-    images = client.finish(msg, s.client_steps, s.sampler, sampling_seed(cfg, client.id) + 1)
+    images = client.finish(msg, s.client_steps, s.client_sampler, sampling_seed(cfg, client.id) + 1)
     seconds = time.perf_counter() - t0
     folder.mkdir(parents=True, exist_ok=True)
     save_grid(images, folder / f"samples_client{client.id}.png")
@@ -333,7 +333,8 @@ class Engine:
             "schema": 2, "run": self.run_id, "cut": cfg.cut, "cut_level": self.server.t_c, "T": cfg.schedule.T,
             "rounds": self.round, "handoff_mode": cfg.handoff.mode, "views": cfg.handoff.views,
             "quality": {"extractor": cfg.eval.extractor, "n_samples": s.n, "sampler": s.sampler,
-                        "server_steps": s.server_steps, "client_steps": s.client_steps},
+                        "server_steps": s.server_steps, "client_sampler": s.client_sampler,
+                        "client_steps": s.client_steps},
             "clients": clients,
             "server": {"train_seconds": self.seconds["server.train"], "sample_seconds": self.seconds["server.sample"],
                        "params": self.server.model.num_parameters(), "handoffs_held": self.server.num_handoffs()},

@@ -73,13 +73,15 @@ def own_targets(fed, client: Client, domain) -> list[int] | None:
 
 
 def split_sample(fed, client: Client, n: int, *, server_steps: int, client_steps: int, sampler: str,
-                 seed: int) -> torch.Tensor:
-    """The whole sampling exchange for one client of a trained run: request, server levels, client levels."""
+                 seed: int, client_sampler: str | None = None) -> torch.Tensor:
+    """The whole sampling exchange for one client of a trained run: request, server levels, client levels.
+
+    `sampler` runs the server's levels, `client_sampler` (default: the same) the client's."""
     t0 = time.perf_counter()
     req = fed.wire.up(client.sampling_request(n, server_steps, sampler, seed), fed.server.limits)
     handoffs = fed.wire.down(fed.server.sample_to_cut(req), fed.client_limits)
     t1 = time.perf_counter()
-    images = client.finish(handoffs, client_steps, sampler, seed + 1)
+    images = client.finish(handoffs, client_steps, client_sampler or sampler, seed + 1)
     fed.seconds["server.sample"] += t1 - t0
     fed.seconds[f"client{client.id}.sample"] += time.perf_counter() - t1
     return images
@@ -227,7 +229,7 @@ def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
     per_client = {}
     for client in tqdm(fed.clients, desc="sampling", disable=not progress):
         images = split_sample(fed, client, s.n, server_steps=s.server_steps, client_steps=s.client_steps,
-                              sampler=s.sampler, seed=cfg.seed * 7 + client.id)
+                              sampler=s.sampler, client_sampler=s.client_sampler, seed=cfg.seed * 7 + client.id)
         save_grid(images, out / f"samples_client{client.id}.png")
         numbers = evaluations[client.id].measure(images)
         report = fed.wire.up(ClientReport(client_id=client.id, metrics=numbers), fed.server.limits)
@@ -242,7 +244,8 @@ def evaluate(fed, out: Path, *, progress: bool = True) -> dict:
         "schema": 2, "cut": cfg.cut, "cut_level": fed.cut_level, "T": cfg.schedule.T, "rounds": fed.round,
         "handoff_mode": cfg.handoff.mode, "views": cfg.handoff.views,
         "quality": {"extractor": cfg.eval.extractor, "domain_labels": kind, "n_samples": s.n, "sampler": s.sampler,
-                    "server_steps": s.server_steps, "client_steps": s.client_steps},
+                    "server_steps": s.server_steps, "client_sampler": s.client_sampler,
+                    "client_steps": s.client_steps},
         "clients": per_client,
         "server": {"train_seconds": fed.seconds["server.train"], "sample_seconds": fed.seconds["server.sample"],
                    "params": fed.server.model.num_parameters(), "handoffs_held": fed.server.num_handoffs()},
