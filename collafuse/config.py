@@ -119,9 +119,9 @@ class HandoffConfig:
 class SamplingConfig:
     n: int = 64  # samples per client for the grid and the quality numbers
     # Ancestral DDPM on both sides: its fresh noise at every step corrects what the undertrained nets get wrong.
-    # The default preset's trained nets (benchmarks/README.md, samplers.py): mean KID 0.037 with DDPM in 100
-    # server + 200 client steps, 0.059 over all 1,000 levels, 0.078 with DDIM above the cut and DDPM below it,
-    # 0.139 with DDIM in 40 + 10 (the default until 2026-12-06), 0.122 with DDIM in 40 + 400.
+    # The default preset's trained nets (benchmarks/README.md, samplers.py): mean client KID 0.039 with DDPM in
+    # 100 server + 200 client steps, 0.064 over all 1,000 levels, 0.067 in 25 + 25, 0.072 with DDIM above the
+    # cut and DDPM below it, 0.147 with DDIM in 40 + 10 (the default until 2026-12-06).
     sampler: str = "ddpm"  # the server's levels T..t_c (it travels in the client's SamplingRequest)
     server_steps: int = 100
     client_sampler: str = "ddpm"  # the client's levels t_c..0

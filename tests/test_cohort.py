@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from collafuse.config import load_config
+from collafuse.core.protocol import SamplingHandoffs
 from collafuse.federation import inprocess
 from collafuse.federation.inprocess import build, run
-from collafuse.roles.cohort import cohort_key, train_together
+from collafuse.roles.cohort import cohort_key, finish_key, finish_together, train_together
 
 PROBE = torch.Generator().manual_seed(5)
 X, T, LABELS = torch.randn(16, 1, 8, 8, generator=PROBE), torch.randint(1, 20, (16,), generator=PROBE), \
@@ -42,6 +43,26 @@ def test_together_equals_one_by_one(overrides):
     # and each client's own weights went back to it: they differ between clients
     first, second = together.clients[:2]
     assert not torch.allclose(outputs(first, first.model), outputs(second, second.model))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("overrides", [[], ["client.condition=class", "client.prediction=v"]])
+def test_clients_finish_their_samples_together_as_one_by_one(sampler, overrides):
+    fed = build(load_config("smoke", ["data.clients=3", *overrides]))
+    for c in fed.clients:
+        c.train(3)  # each client's EMA weights are its own
+    g = torch.Generator().manual_seed(0)
+    msgs = [SamplingHandoffs(client_id=c.id, level=c.t_c, handoffs=torch.randn(6, 1, 8, 8, generator=g))
+            for c in fed.clients]
+    alone = [c.finish(m, 4, sampler, 10 + c.id) for c, m in zip(fed.clients, msgs)]
+    together = finish_together(fed.clients, msgs, 4, sampler, [10 + c.id for c in fed.clients])
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(alone[0], alone[1])
+    with pytest.raises(ValueError, match="one finish_key"):  # another number of samples: another call
+        finish_together(fed.clients[:2], [msgs[0], SamplingHandoffs(0, fed.cut_level, msgs[1].handoffs[:3])], 4,
+                        sampler, [1, 2])
+    assert finish_key(fed.clients[0], 6) == finish_key(fed.clients[1], 6) != finish_key(fed.clients[1], 5)
 
 
 def test_clients_that_cannot_share_a_step_are_refused():

@@ -86,15 +86,22 @@ def serve_round(client: Client, cfg: Config, blob: bytes, trained: tuple[float, 
     return [protocol.encode(m) for m in reply]
 
 
-def serve_samples(client: Client, cfg: Config, blob: bytes, evaluation, folder: Path) -> list[bytes]:
-    """Finish the server's handoffs; the images and their grid stay in `folder`; numbers go back."""
+def serve_samples(client: Client, cfg: Config, blob: bytes, evaluation, folder: Path,
+                  finished: tuple[torch.Tensor, float] | None = None) -> list[bytes]:
+    """Finish the server's handoffs; the images and their grid stay in `folder`; numbers go back.
+
+    `finished` (images, seconds): these handoffs were already finished together with other simulated clients
+    (roles/cohort.py).
+    """
     from collafuse.measure.cost import client_step_flops  # measurement is loaded only where samples are finished
     from collafuse.measure.images import save_grid
     msg = protocol.decode(blob, client_limits(client, cfg), expect=SamplingHandoffs)
     s = cfg.sampling
-    t0 = time.perf_counter()
-    images = client.finish(msg, s.client_steps, s.client_sampler, sampling_seed(cfg, client.id) + 1)
-    seconds = time.perf_counter() - t0
+    if finished is None:
+        t0 = time.perf_counter()
+        images = client.finish(msg, s.client_steps, s.client_sampler, sampling_seed(cfg, client.id) + 1)
+        finished = images, time.perf_counter() - t0
+    images, seconds = finished
     folder.mkdir(parents=True, exist_ok=True)
     save_grid(images, folder / f"samples_client{client.id}.png")
     numbers = evaluation.measure(images) if evaluation is not None else {}

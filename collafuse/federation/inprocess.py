@@ -19,17 +19,17 @@ from tqdm.auto import tqdm
 
 from collafuse.config import Config
 from collafuse.core.models import device_auto
-from collafuse.core.protocol import Limits
+from collafuse.core.protocol import Limits, ProtocolError, SamplingHandoffs
 from collafuse.core.sampling import row_batches
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_state, save_state, swap_in
 from collafuse.core import protocol
 from collafuse.data import ClientSplit, ImageSet, client_splits, load_images
 from collafuse.data.condition import client_condition
-from collafuse.federation.engine import (CHECKPOINT, HANDOFFS, ROUND, Engine, read_round_request, serve_round,
-                                         serve_samples)
+from collafuse.federation.engine import (CHECKPOINT, HANDOFFS, ROUND, Engine, client_limits, read_round_request,
+                                         sampling_seed, serve_round, serve_samples)
 from collafuse.roles.client import Client
-from collafuse.roles.cohort import cohort_key, train_together
+from collafuse.roles.cohort import cohort_key, finish_key, finish_together, train_together
 from collafuse.roles.noise import load_or_create_secret, new_secret, pinned_secret
 from collafuse.roles.policy import ReleaseLedger
 from collafuse.roles.server import Server
@@ -137,7 +137,9 @@ class InProcessTransport:
         return [c.id for c in self.fed.clients]
 
     def exchange(self, kind: str, requests: dict[int, bytes]) -> dict[int, list[bytes]]:
-        trained = self.train_cohorts(requests) if kind == ROUND and self.fed.cfg.batch_clients else {}
+        # Simulated clients of one architecture train (a round) or finish their samples (sampling) together first.
+        together = self.fed.cfg.batch_clients
+        done = (self.train_cohorts if kind == ROUND else self.finish_cohorts)(requests) if together else {}
         replies = {}
         for cid, blob in tqdm(requests.items(), desc=f"{kind}: clients", unit="client", leave=False,
                               disable=not self.progress):
@@ -145,11 +147,12 @@ class InProcessTransport:
             wire.carry("down", cid, blob)
             t0 = time.perf_counter()
             if kind == ROUND:
-                reply = serve_round(client, self.fed.cfg, blob, trained=trained.get(cid))
+                reply = serve_round(client, self.fed.cfg, blob, trained=done.get(cid))
             else:
-                reply = serve_samples(client, self.fed.cfg, blob, (self.evaluations or {}).get(cid), self.out)
-            # a client trained together with others adds its share of that step's time
-            share = trained[cid][1] if cid in trained else 0.0
+                reply = serve_samples(client, self.fed.cfg, blob, (self.evaluations or {}).get(cid), self.out,
+                                      finished=done.get(cid))
+            # a client trained or sampled together with others adds its share of that work's time
+            share = done[cid][1] if cid in done else 0.0
             phase = "train" if kind == ROUND else "sample"
             self.fed.seconds[f"client{cid}.{phase}"] += time.perf_counter() - t0 + share
             replies[cid] = [wire.carry("up", cid, b) for b in reply]
@@ -180,6 +183,31 @@ class InProcessTransport:
                     results = train_together(members, steps, on_step=lambda: bar.update(len(members) / steps))
                     trained.update({client.id: result for client, result in zip(members, results)})
         return trained
+
+    def finish_cohorts(self, requests: dict[int, bytes]) -> dict[int, tuple[torch.Tensor, float]]:
+        """Every client's samples from its SamplingHandoffs, together where clients share a finish_key; client id
+        -> (images, seconds). A message its client would reject is left to serve_samples, which says why."""
+        s, cohorts = self.fed.cfg.sampling, {}
+        for cid, blob in requests.items():
+            client = self.fed.clients[cid]
+            try:
+                msg = protocol.decode(blob, client_limits(client, self.fed.cfg), expect=SamplingHandoffs)
+            except ProtocolError:
+                continue
+            cohorts.setdefault(finish_key(client, len(msg.handoffs)), []).append((client, msg))
+        finished = {}
+        for cohort in cohorts.values():
+            if len(cohort) < 2:
+                continue
+            # as in training, chunks of the cohort bound the activations that live at once
+            for idx in row_batches([len(msg.handoffs) for _, msg in cohort], self.fed.cfg.image_shape):
+                members = [cohort[i] for i in idx]
+                t0 = time.perf_counter()
+                images = finish_together([c for c, _ in members], [m for _, m in members], s.client_steps,
+                                         s.client_sampler, [sampling_seed(self.fed.cfg, c.id) + 1 for c, _ in members])
+                share = (time.perf_counter() - t0) / len(members)
+                finished.update({c.id: (x, share) for (c, _), x in zip(members, images)})
+        return finished
 
     def state(self, folder: Path) -> None:
         """The clients' models and progress go into the run's checkpoint (one trust domain)."""

@@ -202,14 +202,17 @@ class Client:
     @torch.no_grad()
     def finish(self, msg: SamplingHandoffs, steps: int, sampler: str, seed: int) -> torch.Tensor:
         """Run levels t_c..0 on the server's handoffs; the images stay here. Returns (n, C, H, W) in [-1, 1]."""
-        g = torch.Generator().manual_seed(seed)
-        n = msg.handoffs.shape[0]
-        cond = None
-        if self.condition is not None:  # draw conditions from this client's own records
-            cond = self.condition[torch.randint(self.num_records, (n,), generator=g)].to(self.device)
+        g, cond = self.sampling_stream(msg.handoffs.shape[0], seed)
         x = sample_levels(self.eps_fn(cond), msg.handoffs.to(self.device), level_grid(self.t_c, 0, steps),
                           self.schedule, eta_of(sampler), g)
         return x.clamp(-1, 1).cpu()
+
+    def sampling_stream(self, n: int, seed: int) -> tuple[torch.Generator, torch.Tensor | None]:
+        """finish's random stream for n samples, and the conditions it draws first from this client's own records."""
+        g = torch.Generator().manual_seed(seed)
+        if self.condition is None:
+            return g, None
+        return g, self.condition[torch.randint(self.num_records, (n,), generator=g)].to(self.device)
 
     def state(self) -> tuple[dict, dict]:
         tensors, meta = role_tensors(self.model, self.opt, self.gen)
