@@ -8,7 +8,7 @@ from collafuse.config import load_config
 from collafuse.core.protocol import SamplingHandoffs
 from collafuse.federation import inprocess
 from collafuse.federation.inprocess import build, run
-from collafuse.roles.cohort import cohort_key, finish_key, finish_together, train_together
+from collafuse.roles.cohort import cohort_key, finish_key, finish_together, stacked_eps_fn, train_together
 
 PROBE = torch.Generator().manual_seed(5)
 X, T, LABELS = torch.randn(16, 1, 8, 8, generator=PROBE), torch.randint(1, 20, (16,), generator=PROBE), \
@@ -63,6 +63,26 @@ def test_clients_finish_their_samples_together_as_one_by_one(sampler, overrides)
         finish_together(fed.clients[:2], [msgs[0], SamplingHandoffs(0, fed.cut_level, msgs[1].handoffs[:3])], 4,
                         sampler, [1, 2])
     assert finish_key(fed.clients[0], 6) == finish_key(fed.clients[1], 6) != finish_key(fed.clients[1], 5)
+
+
+def test_the_pipeline_attack_evaluates_clients_together_as_one_by_one():
+    """The disclosure block's pipeline attack with batch_clients: unequal record counts, padded, same outputs."""
+    import dataclasses
+    from collafuse.measure.blocks import _pipeline_eps
+    together = build(load_config("smoke", ["data.clients=3", "client.condition=class", "batch_clients=true"]))
+    for c in together.clients:
+        c.train(3)
+    alone = dataclasses.replace(together, cfg=dataclasses.replace(together.cfg, batch_clients=False))
+    g = torch.Generator().manual_seed(1)
+    chunk = [{"client": c, "x_mem": torch.randn(n, 1, 8, 8, generator=g),
+              "cond_mem": torch.randint(0, 10, (n,), generator=g)} for c, n in zip(together.clients, (5, 3, 4))]
+    x = torch.cat([s["x_mem"] for s in chunk])
+    for level in (together.cut_level, 1):  # at and below the cut: the clients' own models
+        t = torch.full((len(x),), level)
+        torch.testing.assert_close(_pipeline_eps(together, chunk, "mem")(x, t), _pipeline_eps(alone, chunk, "mem")(x, t),
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one sampling_key"):
+        stacked_eps_fn([together.clients[0], build(load_config("smoke")).clients[0]], [None, None], [2, 2])
 
 
 def test_clients_that_cannot_share_a_step_are_refused():

@@ -18,6 +18,7 @@ import torch
 from collafuse.core.sampling import row_batches
 from collafuse.measure import attacks
 from collafuse.measure.attacks import chance_level, distribution_disclosure, membership_metrics, mia_scores
+from collafuse.roles.cohort import sampling_key, stacked_eps_fn
 from collafuse.roles.privacy import clip_records
 
 SERVER_MIA_FRACTIONS = (0.02, 0.1, 0.3)  # of the server's levels above the cut
@@ -95,18 +96,29 @@ def _chunks(sets: list[dict], key: str, image_shape) -> list[list[dict]]:
 
 def _pipeline_eps(fed, chunk: list[dict], kind: str):
     """Full-chain noise prediction of each client's whole pipeline, over a chunk's concatenated `x_{kind}` records:
-    the server above the cut (one call for the chunk), each client's own model at or below it."""
+    the server above the cut (one call for the chunk), each client's own model at or below it (with batch_clients,
+    simulated clients of one architecture in one vmapped call, roles/cohort.py)."""
     server, t_c = fed.server, fed.cut_level
     sizes = [len(s[f"x_{kind}"]) for s in chunk]
     server_fn = server.eps_fn(_owners(chunk, [s[f"x_{kind}"] for s in chunk]).to(server.device))
-    client_fns = [(s["client"], s["client"].eps_fn(None if s[f"cond_{kind}"] is None
-                                                    else s[f"cond_{kind}"].to(s["client"].device))) for s in chunk]
+    clients = [s["client"] for s in chunk]
+    conds = [None if s[f"cond_{kind}"] is None else s[f"cond_{kind}"].to(s["client"].device) for s in chunk]
+    if fed.cfg.batch_clients and len(chunk) > 1 and len({sampling_key(c) for c in clients}) == 1:
+        together, device = stacked_eps_fn(clients, conds, sizes), clients[0].device
+
+        def client_fn(x, t):
+            return together(x.to(device), t.to(device)).to(x.device)
+    else:
+        fns = [c.eps_fn(cond) for c, cond in zip(clients, conds)]
+
+        def client_fn(x, t):
+            return torch.cat([f(xs.to(c.device), ts.to(c.device)).to(x.device)
+                              for c, f, xs, ts in zip(clients, fns, x.split(sizes), t.split(sizes))])
 
     def fn(x, t):
         if int(t[0]) > t_c:
             return server_fn(x.to(server.device), t.to(server.device)).to(x.device)
-        return torch.cat([f(xs.to(c.device), ts.to(c.device)).to(x.device)
-                          for (c, f), xs, ts in zip(client_fns, x.split(sizes), t.split(sizes))])
+        return client_fn(x, t)
     return fn
 
 

@@ -140,12 +140,43 @@ def _unstack(clients: list[Client], owns: list[dict], params: dict, buffers: dic
         c.steps_done += steps
 
 
-def finish_key(client: Client, n: int) -> tuple:
-    """Clients with equal keys finish their samples together: one sampling network and chain below one cut."""
-    net = client.ema.model
-    shapes = tuple((k, tuple(v.shape)) for k, v in net.state_dict().items())
+def sampling_key(client: Client) -> tuple:
+    """Clients with equal keys can evaluate their sampling networks together: one architecture below one cut."""
+    shapes = tuple((k, tuple(v.shape)) for k, v in client.ema.model.state_dict().items())
     cond = None if client.condition is None else (client.condition.dtype, tuple(client.condition.shape[1:]))
-    return (shapes, cond, tuple(client.images.shape[1:]), client.t_c, client.objective, str(client.device), n)
+    return (shapes, cond, tuple(client.images.shape[1:]), client.t_c, client.objective, str(client.device))
+
+
+def finish_key(client: Client, n: int) -> tuple:
+    """Clients with equal keys finish their samples together (n samples each)."""
+    return (*sampling_key(client), n)
+
+
+def stacked_eps_fn(clients: list[Client], conds: list[torch.Tensor | None], rows: list[int]):
+    """Each client's eps_fn (its EMA weights, its conditions) over its own consecutive rows of one batch, in one
+    vmapped call (all of one sampling_key). Rows are padded to the largest client's count with copies of its first
+    row, whose outputs are dropped: every row is computed on its own, so the padding changes no other row."""
+    if len({sampling_key(c) for c in clients}) != 1:
+        raise ValueError("stacked_eps_fn needs clients of one sampling_key")
+    first, most = clients[0], max(rows)
+    params, buffers = stack_module_state([c.ema.model for c in clients])
+    skeleton = copy.deepcopy(first.ema.model).to("meta").eval()
+    cond = None if first.condition is None else torch.stack([_pad(c, most) for c in conds])
+    net = vmap(lambda p, b, x, t, c: functional_call(skeleton, (p, b), (x, t, c)),
+               in_dims=(0, 0, 0, 0, None if cond is None else 0))
+
+    @torch.no_grad()
+    def fn(x, t):
+        with _Batchable():
+            out = net(params, buffers, torch.stack([_pad(v, most) for v in x.split(rows)]),
+                      torch.stack([_pad(v, most) for v in t.split(rows)]), cond)
+        out = torch.cat([o[:n] for o, n in zip(out, rows)])
+        return first.objective.client_noise(out, first.schedule, x, t)
+    return fn
+
+
+def _pad(v: torch.Tensor, rows: int) -> torch.Tensor:
+    return v if len(v) == rows else torch.cat([v, v[:1].expand(rows - len(v), *v.shape[1:])])
 
 
 @torch.no_grad()
@@ -155,20 +186,10 @@ def finish_together(clients: list[Client], handoffs: list[SamplingHandoffs], ste
     equal to its own finish up to float rounding (its conditions and noise come from its own stream)."""
     if len({finish_key(c, len(h.handoffs)) for c, h in zip(clients, handoffs)}) != 1:
         raise ValueError("finish_together needs clients of one finish_key")
-    first, k = clients[0], len(clients)
-    params, buffers = stack_module_state([c.ema.model for c in clients])
-    skeleton = copy.deepcopy(first.ema.model).to("meta").eval()
-    streams = [c.sampling_stream(len(h.handoffs), seed) for c, h, seed in zip(clients, handoffs, seeds)]
-    cond = None if first.condition is None else torch.stack([c for _, c in streams])
-    net = vmap(lambda p, b, x, t, c: functional_call(skeleton, (p, b), (x, t, c)),
-               in_dims=(0, 0, 0, 0, None if cond is None else 0))
-
-    def eps_fn(x, t):
-        with _Batchable():
-            out = net(params, buffers, x.view(k, -1, *x.shape[1:]), t.view(k, -1), cond)
-        return first.objective.client_noise(out.reshape(x.shape), first.schedule, x, t)
+    first, rows = clients[0], [len(h.handoffs) for h in handoffs]
+    streams = [c.sampling_stream(n, seed) for c, n, seed in zip(clients, rows, seeds)]
+    eps_fn = stacked_eps_fn(clients, [cond for _, cond in streams], rows)
     x = torch.cat([h.handoffs for h in handoffs]).to(first.device)
-    rows = [len(h.handoffs) for h in handoffs]
     x = sample_levels(eps_fn, x, level_grid(first.t_c, 0, steps), first.schedule, eta_of(sampler),
                       [(g, n) for (g, _), n in zip(streams, rows)])
     return list(x.clamp(-1, 1).cpu().split(rows))
