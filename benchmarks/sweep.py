@@ -32,7 +32,7 @@ def main() -> None:
                    help="add local-4x,local-server-4x for the 4x budgets (~55 min more on 2 cores)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one per core)")
-    p.add_argument("--rounds", type=int, default=3, help="training rounds per run (default preset: 6)")
+    p.add_argument("--rounds", type=int, default=3, help="training rounds per run (default preset: 9)")
     p.add_argument("--set", dest="set_", action="append", default=[], help="extra overrides, key=value")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark-sweep"))
     p.add_argument("--resume", action="store_true")
