@@ -118,8 +118,8 @@ class HandoffConfig:
 @dataclass
 class SamplingConfig:
     n: int = 64  # samples per client for the grid and the quality numbers
-    # Ancestral DDPM on both sides: its fresh noise at every step corrects what the undertrained nets get wrong.
-    # The default preset's trained nets (benchmarks/README.md, samplers.py): mean client KID 0.039 with DDPM in
+    # Ancestral DDPM on both sides. On the default preset's trained nets (9 rounds; benchmarks/README.md,
+    # samplers.py; after 3 rounds the samplers were level): mean client KID 0.039 with DDPM in
     # 100 server + 200 client steps, 0.064 over all 1,000 levels, 0.067 in 25 + 25, 0.072 with DDIM above the
     # cut and DDPM below it, 0.147 with DDIM in 40 + 10 (the default until 2026-12-06).
     sampler: str = "ddpm"  # the server's levels T..t_c (it travels in the client's SamplingRequest)
