@@ -95,13 +95,20 @@ def test_clients_that_cannot_share_a_step_are_refused():
     assert cohort_key(build(load_config("smoke", ["cut=0"])).clients[0], 5) is None  # no levels to train
 
 
-def test_a_run_with_clients_together_reports_what_one_by_one_reports(tmp_path):
+def test_a_run_with_clients_together_reports_what_one_by_one_reports(tmp_path, monkeypatch):
+    finished = []
+
+    def spy(clients, *args):  # the run's sampling goes through finish_together when clients are batched
+        finished.append([c.id for c in clients])
+        return finish_together(clients, *args)
+    monkeypatch.setattr(inprocess, "finish_together", spy)
     metrics = {}
     for together in (True, False):
         out = tmp_path / str(together)
         run(load_config("smoke", ["rounds=1", f"batch_clients={str(together).lower()}", "eval.disclosure=false"]),
             out, progress=False)
         metrics[together] = json.loads((out / "metrics.json").read_text())
+    assert finished == [[0, 1, 2]]  # once, all three clients: none with batch_clients off
     log_t, log_o = (metrics[k]["participation"]["log"][0]["loss"] for k in (True, False))
     assert log_t == pytest.approx(log_o, rel=1e-4)
     for cid, one in metrics[False]["clients"].items():
