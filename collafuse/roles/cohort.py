@@ -29,16 +29,22 @@ from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.roles.client import Client
 
 
+def sampling_key(client: Client) -> tuple:
+    """Clients with equal keys can evaluate their networks together: one architecture below one cut.
+
+    The EMA (sampling) weights are a copy of the model, so the model's shapes are theirs too."""
+    shapes = tuple((k, tuple(v.shape)) for k, v in client.model.state_dict().items())
+    cond = None if client.condition is None else (client.condition.dtype, tuple(client.condition.shape[1:]))
+    return (shapes, cond, tuple(client.images.shape[1:]), client.t_c, client.objective, str(client.device))
+
+
 def cohort_key(client: Client, steps: int) -> tuple | None:
     """Clients with equal keys train together; None: the client has nothing to train."""
     if client.t_c == 0 or steps == 0:
         return None
-    shapes = tuple((k, tuple(v.shape)) for k, v in client.model.state_dict().items())
-    cond = None if client.condition is None else (client.condition.dtype, tuple(client.condition.shape[1:]))
     # Everything a step's arithmetic depends on besides the weights, the data and the random stream.
-    return (shapes, cond, tuple(client.images.shape[1:]), client.t_c, client.batch_size, client.objective,
-            client.lr, client.lr_schedule, client.steps_done, client.ema.decay, client.ema.updates,
-            str(client.device), steps)
+    return (*sampling_key(client), client.batch_size, client.lr, client.lr_schedule, client.steps_done,
+            client.ema.decay, client.ema.updates, steps)
 
 
 class _Batchable(TorchFunctionMode):
@@ -138,13 +144,6 @@ def _unstack(clients: list[Client], owns: list[dict], params: dict, buffers: dic
                 b.copy_(buffers[k][i])
             c.ema.updates += steps
         c.steps_done += steps
-
-
-def sampling_key(client: Client) -> tuple:
-    """Clients with equal keys can evaluate their sampling networks together: one architecture below one cut."""
-    shapes = tuple((k, tuple(v.shape)) for k, v in client.ema.model.state_dict().items())
-    cond = None if client.condition is None else (client.condition.dtype, tuple(client.condition.shape[1:]))
-    return (shapes, cond, tuple(client.images.shape[1:]), client.t_c, client.objective, str(client.device))
 
 
 def finish_key(client: Client, n: int) -> tuple:
