@@ -157,9 +157,10 @@ def test_roles_follow_the_schedule_over_the_run():
     assert fed.server.opt.param_groups[0]["lr"] == pytest.approx(fed.cfg.server.lr * cosine)
 
 
-@pytest.mark.parametrize("role", ["server", "client"])
-def test_resume_mid_run_continues_the_schedule(tmp_path, role):
-    """Train 4 + 4 steps, or 4, save, load into a fresh role and 4 more: the same lr, weights and optimiser state."""
+@pytest.mark.parametrize("role,pack", [("server", False), ("client", False), ("client", True)])
+def test_resume_mid_run_continues_the_schedule(tmp_path, role, pack):
+    """Train 4 + 4 steps, or 4, save (packed as in-process clients are, or not), load into a fresh role and 4 more:
+    the same lr, weights and optimiser state."""
     def fresh():
         fed = federation(*RECIPE)
         return fed.server if role == "server" else fed.clients[0]
@@ -167,7 +168,7 @@ def test_resume_mid_run_continues_the_schedule(tmp_path, role):
     whole, part, resumed = fresh(), fresh(), fresh()
     whole.train(4), whole.train(4)
     part.train(4)
-    save_state(tmp_path / role, *part.state())
+    save_state(tmp_path / role, *part.state(), pack=pack)
     resumed.load(*load_state(tmp_path / role))
     resumed.train(4)
     (a, meta_a), (b, meta_b) = whole.state(), resumed.state()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from collafuse.config import load_config
 from collafuse.core.models import ModelConfig
@@ -100,6 +101,23 @@ def test_ingest_replace_forget_as_the_old_dict(tmp_path, on_disk):
         other = make_server()
         other.load(tensors, meta)
         assert_holds(other, held)
+
+
+def test_a_packed_state_holds_one_tensor_per_dtype_and_loads_back_exactly(tmp_path):
+    """pack=True (in-process clients' checkpoints): the same tensors back, shapes, dtypes and 0-dim ones included,
+    none sharing memory with another (so the loaded state saves again), beside states written unpacked."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"model/w": torch.randn((3, 4), generator=g), "opt/0/step": torch.tensor(7.0),
+               "model/b": torch.randn((4,), generator=g), "generator": torch.arange(5, dtype=torch.uint8),
+               "count": torch.tensor([2, 3], dtype=torch.int64), "empty": torch.zeros((0, 2))}
+    save_state(tmp_path / "packed", tensors, {"steps": 4}, pack=True)
+    assert set(load_file(str(tmp_path / "packed.safetensors"))) == {"float32", "uint8", "int64"}
+    for kind in ("packed", "again"):
+        back, meta = load_state(tmp_path / kind)
+        assert meta == {"steps": 4} and back.keys() == tensors.keys()
+        assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+        assert len({v.untyped_storage().data_ptr() for v in back.values() if v.numel()}) == 5
+        save_state(tmp_path / "again", back, meta)  # unpacked: safetensors refuses tensors that share memory
 
 
 def test_float16_storage_round_trips_within_float16_rounding(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -29,9 +30,20 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_state(prefix: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write prefix.safetensors and prefix.json atomically (temporary names, then rename)."""
+PACKED = "packed_tensors"  # the JSON key of a packed state: where each tensor lies in its dtype's flat tensor
+
+
+def save_state(prefix: Path, tensors: dict[str, torch.Tensor], meta: dict, *, pack: bool = False) -> None:
+    """Write prefix.safetensors and prefix.json atomically (temporary names, then rename).
+
+    pack: one flat tensor per dtype, each tensor's place in the JSON. safetensors pays ~25 us per tensor to
+    write; a client's state holds ~570 small ones, so a 100-client checkpoint packed takes 5 ms a client
+    instead of 14 ms (measured). load_state reads either kind.
+    """
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    if pack:
+        meta = {**meta, PACKED: _places(tensors)}
+        tensors = _pack(tensors)
     tmp_t, tmp_j = prefix.with_suffix(".safetensors.tmp"), prefix.with_suffix(".json.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_t))
     tmp_j.write_text(json.dumps(meta, indent=1))
@@ -40,8 +52,35 @@ def save_state(prefix: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
 
 
 def load_state(prefix: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read what save_state wrote."""
-    return load_file(str(prefix.with_suffix(".safetensors"))), json.loads(prefix.with_suffix(".json").read_text())
+    """Read what save_state wrote (packed or not)."""
+    tensors, meta = load_file(str(prefix.with_suffix(".safetensors"))), json.loads(prefix.with_suffix(".json").read_text())
+    if PACKED in meta:
+        places = meta.pop(PACKED)
+        # clones, not views of the flat tensors: a later save must not find tensors that share memory
+        tensors = {k: tensors[dtype][start:start + math.prod(shape)].view(shape).clone()
+                   for k, (dtype, start, shape) in places.items()}
+    return tensors, meta
+
+
+def _pack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    flat: dict[str, list[torch.Tensor]] = {}
+    for v in tensors.values():
+        flat.setdefault(_dtype_name(v), []).append(v.detach().reshape(-1).cpu())
+    return {dtype: torch.cat(parts) for dtype, parts in flat.items()}
+
+
+def _places(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Each tensor's (dtype, start, shape) in _pack's flat tensors, in the same order."""
+    places, ends = {}, {}
+    for k, v in tensors.items():
+        dtype = _dtype_name(v)
+        start = ends.get(dtype, 0)
+        places[k], ends[dtype] = [dtype, start, list(v.shape)], start + v.numel()
+    return places
+
+
+def _dtype_name(v: torch.Tensor) -> str:
+    return str(v.dtype).removeprefix("torch.")
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
