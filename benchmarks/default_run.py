@@ -32,13 +32,14 @@ def main() -> None:
     print(f"\nthreads {torch.get_num_threads()}, wall {wall:.0f} s, c = {m['cut']} (t_c = {m['cut_level']}), "
           f"bytes up {m['bytes_up']:,}, down {m['bytes_down']:,}, server train {cost['train_seconds']:.0f} s")
     print("| client | train / test records | FID (domain) | KID | KID score (pure noise / real images) "
-          "| own-class share (pure noise) | client train s |")
+          "| own-class share (pure noise / real images) | client train s |")
     print("|---|---|---|---|---|---|---|")
     num = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731 (null: too few images to measure)
     for cid, c in m["clients"].items():
         print(f"| {cid} | {c['n_train']} / {c['n_test']} | {num(c['fid'], '.2f')} | {num(c['kid_mean'], '.4f')} "
               f"| {num(c['kid_score'], '.2f')} ({num(c['kid_noise'], '.3f')} / {num(c['kid_ceiling'], '.3f')}) "
-              f"| {num(c.get('own_class_share'), '.2f')} ({num(c.get('own_class_share_noise'), '.2f')}) "
+              f"| {num(c.get('own_class_share'), '.2f')} ({num(c.get('own_class_share_noise'), '.2f')} / "
+              f"{num(c.get('own_class_share_ceiling'), '.2f')}) "
               f"| {c['train_seconds']:.0f} |")
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from collafuse.core.schedule import NoiseSchedule
 PARTS = ("server", "client", "split")
 IMAGE_OUTPUTS = ("pil", "np", "pt")
 HANDOFF_OUTPUTS = ("pt", "np")  # a handoff is the chain's state at t_c, not an image: no PIL
-QUALITY_KEYS = ("fid", "kid_mean", "kid_std", "kid_score", "failed", "own_class_share", "own_client_share", "n_samples",
-                "n_reference")
+QUALITY_KEYS = ("fid", "kid_mean", "kid_std", "kid_score", "failed", "own_class_share", "own_class_share_ceiling",
+                "own_client_share", "own_client_share_ceiling", "n_samples", "n_reference")
 
 
 def chain_scheduler(schedule: NoiseSchedule, prediction: str = "epsilon") -> DDPMScheduler:

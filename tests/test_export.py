@@ -14,6 +14,7 @@ from collafuse.cli import app
 from collafuse.config import load_config
 from collafuse.core.protocol import SamplingRequest
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
+from collafuse.core.state import load_state
 from collafuse.export import model_card, pipeline_of
 from collafuse.federation.inprocess import build, load_checkpoint
 from collafuse.measure.evaluate import split_sample
@@ -100,8 +101,7 @@ def _weights(folder):
 
 def _role(run, name):
     """A role's model and sampling (EMA) weights in the run's checkpoint."""
-    return {k: v for k, v in load_file(str(run / "checkpoint" / f"{name}.safetensors")).items()
-            if k.startswith(("model/", "ema/"))}
+    return {k: v for k, v in load_state(run / "checkpoint" / name)[0].items() if k.startswith(("model/", "ema/"))}
 
 
 def _shared(export, role):

@@ -32,7 +32,7 @@ from test_run import PINNED
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_KEYS = {"fid", "kid_mean", "kid_std", "kid_subset_size", "n_samples", "n_reference", "own_class_share",
                "fid_noise", "kid_noise", "fid_ceiling", "kid_ceiling", "fid_score", "kid_score",
-               "own_class_share_noise", "failed", "quality_note",
+               "own_class_share_noise", "own_class_share_ceiling", "failed", "quality_note",
                "n_train", "n_test", "records_released", "views_released", "epsilon", "delta", "bytes_up",
                "bytes_down", "train_seconds", "sample_seconds", "params"}
 

@@ -84,9 +84,15 @@ def test_own_class_share(mnist16, classifier):
     own, other = held_x[held_y <= 1], held_x[held_y > 1]
     assert own_class_share(own, classifier, {0, 1}) > 0.95
     assert own_class_share(other, classifier, [0, 1]) < 0.05
-    r = evaluate_quality(own[:50], own[50:100], extractor=feature_extractor("domain", classifier=classifier),
+    # The ceiling is the share of the held-out reference: here 45 own images and 5 of other classes.
+    reference = torch.cat([own[50:95], other[:5]])
+    r = evaluate_quality(own[:50], reference, extractor=feature_extractor("domain", classifier=classifier),
                          classifier=classifier, client_classes=[1, 0])
     assert r["own_class_share"] > 0.95
+    assert r["own_class_share_ceiling"] == own_class_share(reference, classifier, [0, 1])
+    assert 0.85 <= r["own_class_share_ceiling"] <= 0.92
+    assert quality_line(3, r).endswith(f"own-class-share {r['own_class_share']:.2f} (pure noise "
+                                       f"{r['own_class_share_noise']:.2f}, real images {r['own_class_share_ceiling']:.2f})")
 
 
 def test_fid_kid_match_hand_computation_and_pinned_numbers(digits8):

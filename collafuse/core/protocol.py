@@ -120,7 +120,8 @@ REPORT_KEYS: dict[str, type] = {
                      "own_client_share", "epsilon", "delta", "train_flops", "sample_flops",
                      # the same quality numbers for pure noise (floor) and the client's real images (ceiling)
                      "fid_noise", "kid_noise", "fid_ceiling", "kid_ceiling", "fid_score", "kid_score",
-                     "own_class_share_noise", "own_client_share_noise"), float),
+                     "own_class_share_noise", "own_client_share_noise", "own_class_share_ceiling",
+                     "own_client_share_ceiling"), float),
 }
 
 # Wire dtype -> (torch dtype, bytes per element); only what the messages use, so a foreign dtype never gets near torch.

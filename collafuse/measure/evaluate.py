@@ -210,7 +210,10 @@ def quality_line(cid, m: dict) -> str:
         line += f" (score {m['kid_score']:.2f}: pure noise {m['kid_noise']:.3g}, real images {m['kid_ceiling']:.3g})"
     for key in ("own_class_share", "own_client_share"):
         if m.get(key) is not None:
-            line += f"  {key.replace('_', '-')} {m[key]:.2f} (pure noise {_num(m.get(key + '_noise'), '.2f')})"
+            line += f"  {key.replace('_', '-')} {m[key]:.2f} (pure noise {_num(m.get(key + '_noise'), '.2f')}"
+            if m.get(key + "_ceiling") is not None:
+                line += f", real images {m[key + '_ceiling']:.2f}"
+            line += ")"
     return line + (f"  ({m['quality_note']})" if m.get("quality_note") else "")
 
 

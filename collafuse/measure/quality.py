@@ -276,17 +276,26 @@ def evaluate_quality(samples: torch.Tensor, reference: torch.Tensor, *, extracto
                       fid_score=normalised_score(fid, result["fid_noise"], fid_c),
                       kid_score=normalised_score(kid_mean, result["kid_noise"], kid_c))
     if classifier is not None:
-        result.update(class_shares(samples, classifier, client_classes, device=device, batch_size=batch_size,
-                                   seed=seed))
+        result.update(class_shares(samples, classifier, client_classes, reference=reference, device=device,
+                                   batch_size=batch_size, seed=seed))
     return result
 
 
-def class_shares(samples: torch.Tensor, classifier: DomainClassifier, client_classes, *, device=None,
-                 batch_size: int = 64, seed: int = 0) -> dict:
-    """The own-class share of the samples, and of as much pure noise: what the classifier says of no image at all."""
+def class_shares(samples: torch.Tensor, classifier: DomainClassifier, client_classes, *,
+                 reference: torch.Tensor | None = None, device=None, batch_size: int = 64, seed: int = 0) -> dict:
+    """The own-class share of the samples, of as much pure noise (what the classifier says of no image at all) and,
+    given `reference`, of the client's held-out real images (`_ceiling`).
+
+    The ceiling is what a perfect generator of this client's images scores: a client's own classes are those of
+    at least 5% of its records, so its real images hold a few percent of other classes, and the classifier
+    errs on some. It is measured on held-out images because the classifier was trained on the training ones.
+    """
     kw = {"device": device, "batch_size": batch_size}
-    return {"own_class_share": own_class_share(samples, classifier, client_classes, **kw),
-            "own_class_share_noise": own_class_share(pure_noise(samples, seed), classifier, client_classes, **kw)}
+    shares = {"own_class_share": own_class_share(samples, classifier, client_classes, **kw),
+              "own_class_share_noise": own_class_share(pure_noise(samples, seed), classifier, client_classes, **kw)}
+    if reference is not None:
+        shares["own_class_share_ceiling"] = own_class_share(reference, classifier, client_classes, **kw)
+    return shares
 
 
 def own_class_share(samples: torch.Tensor, classifier: DomainClassifier, client_classes, *, device=None,
