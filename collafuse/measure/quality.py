@@ -286,9 +286,9 @@ def class_shares(samples: torch.Tensor, classifier: DomainClassifier, client_cla
     """The own-class share of the samples, of as much pure noise (what the classifier says of no image at all) and,
     given `reference`, of the client's held-out real images (`_ceiling`).
 
-    The ceiling is what a perfect generator of this client's images scores: a client's own classes are those of
-    at least 5% of its records, so its real images hold a few percent of other classes, and the classifier
-    errs on some. It is measured on held-out images because the classifier was trained on the training ones.
+    The ceiling is what a perfect generator of this client's images scores: the run counts only a client's
+    common classes as its own (measure/evaluate.own_classes), so its real images hold a few percent of others,
+    and the classifier errs on some. Held-out images, because the classifier was trained on the training ones.
     """
     kw = {"device": device, "batch_size": batch_size}
     shares = {"own_class_share": own_class_share(samples, classifier, client_classes, **kw),
