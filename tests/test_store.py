@@ -1,5 +1,5 @@
 """The server's handoff store: the old dict's semantics, float16 storage, a checkpoint that names shards
-instead of copying them, a writer killed mid-write, a missing shard.
+instead of copying them, a writer killed mid-write, a missing shard; and a role's state written packed.
 
 Run as a script (`python tests/test_store.py RUN`) it is the writer the kill test kills.
 """
