@@ -92,7 +92,8 @@ def test_own_class_share(mnist16, classifier):
     assert r["own_class_share_ceiling"] == own_class_share(reference, classifier, [0, 1])
     assert 0.85 <= r["own_class_share_ceiling"] <= 0.92
     assert quality_line(3, r).endswith(f"own-class-share {r['own_class_share']:.2f} (pure noise "
-                                       f"{r['own_class_share_noise']:.2f}, real images {r['own_class_share_ceiling']:.2f})")
+                                       f"{r['own_class_share_noise']:.2f}, real images "
+                                       f"{r['own_class_share_ceiling']:.2f})")
 
 
 def test_fid_kid_match_hand_computation_and_pinned_numbers(digits8):

@@ -53,7 +53,8 @@ def save_state(prefix: Path, tensors: dict[str, torch.Tensor], meta: dict, *, pa
 
 def load_state(prefix: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read what save_state wrote (packed or not)."""
-    tensors, meta = load_file(str(prefix.with_suffix(".safetensors"))), json.loads(prefix.with_suffix(".json").read_text())
+    tensors = load_file(str(prefix.with_suffix(".safetensors")))
+    meta = json.loads(prefix.with_suffix(".json").read_text())
     if PACKED in meta:
         places = meta.pop(PACKED)
         # clones, not views of the flat tensors: a later save must not find tensors that share memory
