@@ -21,6 +21,15 @@ THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: 
                        "1 when other work shares the cores: threads that wait for a busy core slow every step.")
 GUIDANCE = typer.Option(None, "--guidance", help="The server's classifier-free guidance scale for these samples "
                         "(default: the run's server.guidance); the run must have trained with server.label_dropout.")
+CLIENT_GUIDANCE = typer.Option(None, "--client-guidance", help="The clients' classifier-free guidance scale on "
+                               "their own classes (default: the run's client.guidance); the run must have trained "
+                               "with client.label_dropout.")
+
+
+def _guidance_sets(guidance: float | None, client_guidance: float | None) -> list[str]:
+    """The --set overrides that sample a trained run with other guidance scales."""
+    return ([] if guidance is None else [f"server.guidance={guidance}"]) + \
+        ([] if client_guidance is None else [f"client.guidance={client_guidance}"])
 
 
 def _fail(e: Exception) -> None:
@@ -73,12 +82,13 @@ def _echo_run(out: Path, metrics: dict) -> None:
 def evaluate(run_dir: Path = typer.Option(..., "--run", help="A trained (or checkpointed) run folder."),
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
              guidance: Optional[float] = GUIDANCE,
+             client_guidance: Optional[float] = CLIENT_GUIDANCE,
              threads: Optional[int] = THREADS):
     """Sample and measure a trained run again from its checkpoint, without training; rewrites metrics.json."""
     _threads(threads)
     from collafuse.federation.inprocess import evaluate_run
     try:
-        metrics, _ = evaluate_run(run_dir, progress=not quiet, guidance=guidance)
+        metrics, _ = evaluate_run(run_dir, progress=not quiet, sets=_guidance_sets(guidance, client_guidance))
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     _echo_run(run_dir, metrics)
@@ -93,6 +103,7 @@ def sample(run_dir: Path = typer.Option(..., "--run", help="A finished or checkp
            seed: int = typer.Option(0, "--seed"),
            out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default <run>/sample_client<K>.png)."),
            guidance: Optional[float] = GUIDANCE,
+           client_guidance: Optional[float] = CLIENT_GUIDANCE,
            threads: Optional[int] = THREADS):
     """Sample through the split chain for one client of a trained run and save a grid."""
     _threads(threads)
@@ -101,7 +112,7 @@ def sample(run_dir: Path = typer.Option(..., "--run", help="A finished or checkp
     from collafuse.measure.images import save_grid
     from collafuse.federation.inprocess import build, load_checkpoint
     try:
-        cfg = load_config(str(run_dir / "config.json"), [] if guidance is None else [f"server.guidance={guidance}"])
+        cfg = load_config(str(run_dir / "config.json"), _guidance_sets(guidance, client_guidance))
         fed = build(cfg)
         load_checkpoint(fed, run_dir)
         if not 0 <= client < len(fed.clients):

@@ -98,6 +98,12 @@ class ClientConfig(TrainingRecipe):
     batch_size: int = 64
     lr: float = 1e-3
     condition: str = "none"  # none | class | attributes: the client's private labels, never sent
+    # Classifier-free guidance on the client's own classes (condition = class), as server.label_dropout and
+    # server.guidance are on the client id: label_dropout trains this share of rows under a null class,
+    # guidance w samples with uncond + w·(cond - uncond) at twice the client's sampling calls. Both stay on the
+    # client: the labels and the null class never leave it.
+    label_dropout: float = 0.0
+    guidance: float = 1.0
     ema_decay: float = 0.99  # sampling weights: EMA over ~100 steps (0 = off)
     # What the in-process clients allow (min_cut, modes, max_views, epsilon, delta, clip_norm): the client's
     # policy, checked against every server request. On Flower each SuperNode sets its own (docs/flower.md);
@@ -258,7 +264,11 @@ def validate(cfg: Config) -> None:
     if cfg.client.condition not in ("none", "class", "attributes"):
         raise ValueError(f"client.condition {cfg.client.condition!r} is unknown; choose none, class or attributes")
     store_dtype(cfg.server.store_dtype)  # raises on a storage dtype the store does not know
-    check_guidance(cfg.server)
+    check_guidance(cfg.server, "server")
+    check_guidance(cfg.client, "client")
+    if cfg.client.label_dropout and cfg.client.condition != "class":
+        raise ValueError(f"client.label_dropout needs client.condition = class (got {cfg.client.condition!r}): "
+                         f"only a class label has a null class to drop it to")
     if cfg.handoff.mode not in ("once", "fresh"):
         raise ValueError(f"handoff.mode {cfg.handoff.mode!r} is unknown; choose once or fresh")
     if cfg.client.noise_secret not in NOISE_SECRETS:
@@ -295,16 +305,16 @@ def validate(cfg: Config) -> None:
 NOISE_SECRETS = ("private", "pinned-for-tests")
 
 
-def check_guidance(server: ServerConfig) -> None:
+def check_guidance(side: ServerConfig | ClientConfig, name: str) -> None:
     """Guidance needs a net that also learnt the null label: reject a w it cannot honour, before training."""
-    p, w = server.label_dropout, server.guidance
+    p, w = side.label_dropout, side.guidance
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"server.label_dropout must be in [0, 1) (0.1 is usual), got {p!r}")
+        raise ValueError(f"{name}.label_dropout must be in [0, 1) (0.1 is usual), got {p!r}")
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 20.0:
-        raise ValueError(f"server.guidance must be a number in [0, 20] (1 = no guidance), got {w!r}")
-    if p and not server.client_cond:
+        raise ValueError(f"{name}.guidance must be a number in [0, 20] (1 = no guidance), got {w!r}")
+    if p and name == "server" and not side.client_cond:
         raise ValueError("server.label_dropout needs server.client_cond = true: an unconditional server has no "
                          "label to drop")
     if w != 1 and not p:
-        raise ValueError(f"server.guidance = {w} needs a net trained with null labels: set server.label_dropout "
+        raise ValueError(f"{name}.guidance = {w} needs a net trained with null labels: set {name}.label_dropout "
                          f"(e.g. 0.1) when training, or keep guidance at 1")

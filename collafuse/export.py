@@ -55,9 +55,11 @@ def server_eps(unet: UNet2DModel, prediction: str, schedule: NoiseSchedule, cut_
     return fn
 
 
-def class_condition(unet: UNet2DModel, class_labels, n: int, device) -> torch.Tensor | None:
-    """The client's class per sample (one int for all, or n of them); None for an unconditional client."""
-    classes = unet.config.num_class_embeds
+def class_condition(unet: UNet2DModel, class_labels, n: int, device, null_class: int | None = None
+                    ) -> torch.Tensor | None:
+    """The client's class per sample (one int for all, or n of them); None for an unconditional client.
+    The null class of a client trained for guidance is no class of its own."""
+    classes = null_class if null_class is not None else unet.config.num_class_embeds
     if classes is None:
         if class_labels is not None:
             raise ValueError("this client's model is unconditional (client.condition=none); drop class_labels")
@@ -106,18 +108,25 @@ class _ChainPipeline(DiffusionPipeline):
                           level_grid(schedule.T, t_c, steps), sampler, generator)
         return x.float().cpu()
 
-    def _finish(self, unet, prediction: str, handoffs, class_labels, steps: int, sampler: str,
-                generator) -> torch.Tensor:
-        """Levels t_c..0 on handoffs, as Client.finish with the given classes. Returns (n, C, H, W) in [-1, 1]."""
+    def _finish(self, unet, prediction: str, handoffs, class_labels, steps: int, sampler: str, generator,
+                guidance: float, null_class: int | None) -> torch.Tensor:
+        """Levels t_c..0 on handoffs, as Client.finish with the given classes and guidance w on them.
+        Returns (n, C, H, W) in [-1, 1]."""
         y = torch.as_tensor(handoffs, dtype=torch.float32)
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         if y.dim() != 4 or tuple(y.shape[1:]) != shape:
             raise ValueError(f"handoffs must have shape (n, {', '.join(map(str, shape))}), got {tuple(y.shape)}")
-        cond = class_condition(unet, class_labels, y.shape[0], self.device)
+        if guidance != 1 and null_class is None:
+            raise ValueError(f"client guidance {guidance} needs a client trained with label dropout "
+                             f"(client.label_dropout > 0); this one was not: keep it at 1")
+        cond = class_condition(unet, class_labels, y.shape[0], self.device, null_class)
         schedule, objective = self.noise_schedule, Objective(prediction)
-        x = self._descend(schedule, lambda x, t: objective.client_noise(unet(x, t, class_labels=cond).sample,
-                                                                        schedule, x, t),
-                          y.to(self.device), level_grid(self.config.cut_level, 0, steps), sampler, generator)
+
+        def eps(x, t):
+            out = guided_output(lambda x, t, c: unet(x, t, class_labels=c).sample, x, t, cond, null_class, guidance)
+            return objective.client_noise(out, schedule, x, t)
+        x = self._descend(schedule, eps, y.to(self.device), level_grid(self.config.cut_level, 0, steps), sampler,
+                          generator)
         return x.clamp(-1, 1).cpu()
 
     def _images(self, x: torch.Tensor, output_type: str):
@@ -166,25 +175,29 @@ class CollaFuseClientPipeline(_ChainPipeline):
     """Handoffs -> images with one client's private model (levels t_c..1), optionally class-conditioned."""
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, cut_level: int = 0, schedule: str = "linear",
-                 sampler: str = "ddim", steps: int = 10, client_id: int = 0, prediction: str = "epsilon"):
+                 sampler: str = "ddim", steps: int = 10, client_id: int = 0, prediction: str = "epsilon",
+                 guidance_scale: float = 1.0, null_class: int | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, steps=steps,
-                                client_id=client_id, prediction=prediction)
+                                client_id=client_id, prediction=prediction, guidance_scale=guidance_scale,
+                                null_class=null_class)
 
     @torch.no_grad()
     def __call__(self, handoffs, class_labels=None, num_inference_steps: int | None = None,
-                 sampler: str | None = None, generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 sampler: str | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True):
         """Images from handoffs at t_c (a tensor or array (n, C, H, W), e.g. CollaFuseServerPipeline's output).
 
         A CPU `generator` seeded s + 1 finishes as `collafuse sample --seed s` does (Client.finish gets seed + 1).
         A class-conditioned client needs `class_labels`: `collafuse sample` draws them from the client's own
-        records, which no export carries.
+        records, which no export carries. `guidance_scale` (on those classes) defaults to the run's client.guidance.
         """
         _check_output(output_type, IMAGE_OUTPUTS)
         x = self._finish(self.unet, self.config.prediction, handoffs, class_labels,
-                         num_inference_steps or self.config.steps, sampler or self.config.sampler, generator)
+                         num_inference_steps or self.config.steps, sampler or self.config.sampler, generator,
+                         self.config.guidance_scale if guidance_scale is None else guidance_scale,
+                         self.config.null_class)
         images = self._images(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -196,24 +209,28 @@ class CollaFuseSplitPipeline(_ChainPipeline):
                  cut_level: int = 0, schedule: str = "linear", sampler: str = "ddim", server_steps: int = 40,
                  client_steps: int = 10, client_id: int = 0, server_prediction: str = "epsilon",
                  client_prediction: str = "epsilon", guidance_scale: float = 1.0, null_label: int | None = None,
-                 client_sampler: str | None = None):
+                 client_sampler: str | None = None, client_guidance_scale: float = 1.0,
+                 client_null_class: int | None = None):
         super().__init__()
         self.register_modules(server_unet=server_unet, client_unet=client_unet, scheduler=scheduler)
         self.register_to_config(cut_level=cut_level, schedule=schedule, sampler=sampler, server_steps=server_steps,
                                 client_steps=client_steps, client_id=client_id, server_prediction=server_prediction,
                                 client_prediction=client_prediction, guidance_scale=guidance_scale,
-                                null_label=null_label, client_sampler=client_sampler)
+                                null_label=null_label, client_sampler=client_sampler,
+                                client_guidance_scale=client_guidance_scale, client_null_class=client_null_class)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: int | None = None,
                  client_inference_steps: int | None = None, sampler: str | None = None,
-                 client_sampler: str | None = None, guidance_scale: float | None = None, seed: int | None = None,
+                 client_sampler: str | None = None, guidance_scale: float | None = None,
+                 client_guidance_scale: float | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None, output_type: str = "pil", return_dict: bool = True):
         """Images of client `client_id` (the config's) through the whole chain.
 
         `seed` = s equals `collafuse sample --seed s` bit for bit on CPU: the server's side draws from a
         generator seeded s, the client's from one seeded s + 1, as split_sample does. A `generator` instead
-        drives both sides from its one stream. `guidance_scale` (the server's) defaults to the run's.
+        drives both sides from its one stream. `guidance_scale` (the server's, on the client id) and
+        `client_guidance_scale` (the client's, on its classes) default to the run's.
         `sampler` runs the server's levels (default: the run's); `client_sampler` the client's (default: `sampler`
         where one is passed, else the run's client sampler).
         """
@@ -228,7 +245,9 @@ class CollaFuseSplitPipeline(_ChainPipeline):
                          num_inference_steps or self.config.server_steps, sampler, server_gen,
                          self.config.guidance_scale if guidance_scale is None else guidance_scale)
         x = self._finish(self.client_unet, self.config.client_prediction, y, class_labels,
-                         client_inference_steps or self.config.client_steps, client_sampler, client_gen)
+                         client_inference_steps or self.config.client_steps, client_sampler, client_gen,
+                         self.config.client_guidance_scale if client_guidance_scale is None else client_guidance_scale,
+                         self.config.client_null_class)
         images = self._images(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -242,16 +261,20 @@ def pipeline_of(fed, part: str, client: int | None = None) -> DiffusionPipeline:
     if part == "server":
         return CollaFuseServerPipeline(fed.server.ema.model.unet, steps=s.server_steps, prediction=server, **guided,
                                        **common)
-    model = fed.clients[client].ema.model
+    mine = fed.clients[client]
+    model = mine.ema.model
     if model.vector_embed is not None:
         raise ValueError("this run's clients condition on attribute vectors (client.condition=attributes), whose "
                          "projection is not a diffusers model; export runs with client.condition none or class")
     if part == "client":
         return CollaFuseClientPipeline(model.unet, steps=s.client_steps, client_id=client, prediction=client_side,
+                                       guidance_scale=mine.guidance, null_class=mine.null_class,
                                        **{**common, "sampler": s.client_sampler})
     return CollaFuseSplitPipeline(fed.server.ema.model.unet, model.unet, server_steps=s.server_steps,
                                   client_steps=s.client_steps, client_id=client, server_prediction=server,
-                                  client_prediction=client_side, client_sampler=s.client_sampler, **guided, **common)
+                                  client_prediction=client_side, client_sampler=s.client_sampler,
+                                  client_guidance_scale=mine.guidance, client_null_class=mine.null_class, **guided,
+                                  **common)
 
 
 def export_run(run_dir: Path, part: str, out: Path, client: int | None = None) -> Path:
@@ -339,7 +362,7 @@ def model_card(cfg, cut_level: int, part: str, client: int | None, metrics: dict
            "schedule": cfg.schedule.kind, "sampler": cfg.sampling.sampler,
            "client_sampler": cfg.sampling.client_sampler,
            "prediction": {"server": cfg.server.prediction, "client": cfg.client.prediction},
-           "guidance": cfg.server.guidance,
+           "guidance": {"server": cfg.server.guidance, "client": cfg.client.guidance},
            "data": {"name": cfg.data.name, "image_size": cfg.data.image_size, "channels": cfg.data.channels,
                     "clients": cfg.data.clients, "partition": cfg.data.partition},
            "quality": quality, "dp": dp, "disclosure": disclosure}

@@ -121,12 +121,13 @@ def make_server(cfg: Config, device: torch.device | None = None) -> Server:
 
 
 def same_run(a: Config, b: Config) -> bool:
-    """Whether two configs describe the same run (the rounds, the server's devices, batch_clients and guidance
-    may change on resume: the middle two change how the steps run, not what they compute; guidance only how the
-    trained server samples)."""
+    """Whether two configs describe the same run (the rounds, the server's devices, batch_clients and either side's
+    guidance may change on resume: the middle two change how the steps run, not what they compute; guidance only
+    how the trained nets sample)."""
     da, db = a.to_dict(), b.to_dict()
     for d in (da, db):
         d.pop("rounds"), d.pop("batch_clients"), d["server"].pop("devices"), d["server"].pop("guidance")
+        d["client"].pop("guidance")
     return da == db
 
 

@@ -273,11 +273,12 @@ def run(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = 
     return metrics, fed
 
 
-def evaluate_run(out: str | Path, *, progress: bool = True, guidance: float | None = None) -> tuple[dict, Federation]:
+def evaluate_run(out: str | Path, *, progress: bool = True, sets: list[str] = ()) -> tuple[dict, Federation]:
     """Sample and measure a run folder's checkpoint again, without training; rewrites its metrics.json.
 
-    `guidance` samples the server's levels with that guidance scale instead of the run's (config.json then
-    records it, beside the metrics it produced); the run must have trained with server.label_dropout > 0.
+    `sets` ("server.guidance=2", "client.guidance=1.5") samples with other guidance scales than the run's
+    (config.json then records them, beside the metrics they produced); the run must have trained with that
+    side's label_dropout > 0. Anything else that would change the run is refused as on resume.
     """
     from collafuse.config import load_config
     out = Path(out)
@@ -288,7 +289,7 @@ def evaluate_run(out: str | Path, *, progress: bool = True, guidance: float | No
     if "run" not in json.loads(progress_file.read_text()):  # only the round engine's checkpoints name their run
         raise ValueError(f"{out} holds a FedAvg baseline, which is measured as it finishes: delete its "
                          f"metrics.json and run its sweep again with --resume")
-    cfg = load_config(str(out / "config.json"), [] if guidance is None else [f"server.guidance={guidance}"])
+    cfg = load_config(str(out / "config.json"), list(sets))
     return run(cfg, out, resume=True, progress=progress, train=False)
 
 

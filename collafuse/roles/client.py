@@ -8,7 +8,7 @@ import torch
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise, to_device
 from collafuse.core.protocol import (ClientReport, HandoffBatch, Refusal, RoundRequest, SamplingHandoffs,
                                      SamplingRequest)
-from collafuse.core.recipe import LRSchedule, Objective
+from collafuse.core.recipe import LRSchedule, Objective, guided_output
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors
@@ -31,6 +31,7 @@ class Client:
                  policy: PrivacyPolicy = PrivacyPolicy(), lr: float = 1e-3, batch_size: int = 64,
                  objective: Objective = Objective(), lr_schedule: LRSchedule = LRSchedule(),
                  condition: torch.Tensor | None = None, num_classes: int | None = None,
+                 label_dropout: float = 0.0, guidance: float = 1.0,
                  ema_decay: float = 0.0, seed: int = 0, device: torch.device | str = "cpu"):
         if images.shape[0] == 0:
             raise ValueError(f"client {client_id} has no training records; use fewer clients or another partition")
@@ -41,8 +42,18 @@ class Client:
         self.clip_norm = policy.clip_norm
         self.condition = condition
         vector = condition is not None and condition.dim() == 2
+        if label_dropout and (condition is None or vector or not num_classes):
+            raise ValueError("label_dropout needs class labels (client.condition = class): only a class has a null "
+                             "class to drop it to")
+        if guidance != 1 and not label_dropout:
+            raise ValueError(f"guidance {guidance} needs a net trained with null classes (label_dropout > 0)")
+        # Classifier-free guidance on the client's classes: with label dropout one more class, past every real
+        # one, is the null class; it is as private as the others.
+        self.label_dropout, self.guidance = label_dropout, guidance
+        self.null_class = num_classes if label_dropout else None
         self.model = Denoiser(model, images.shape[-1], images.shape[1],
-                              num_labels=num_classes if condition is not None and not vector else None,
+                              num_labels=num_classes + bool(label_dropout) if condition is not None and not vector
+                              else None,
                               vector_dim=condition.shape[1] if vector else None, seed=seed).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.lr, self.lr_schedule, self.objective = lr, lr_schedule, objective
@@ -64,7 +75,8 @@ class Client:
         return cls(client_id, images, labels, schedule=schedule, cut_level=schedule.cut_level(cfg.cut),
                    model=c.model, secret=secret, ledger=ledger, policy=policy, lr=c.lr, batch_size=c.batch_size,
                    objective=c.objective(), lr_schedule=c.lr_schedule(cfg.rounds * cfg.client_steps),
-                   condition=condition, num_classes=num_classes, ema_decay=c.ema_decay,
+                   condition=condition, num_classes=num_classes, label_dropout=c.label_dropout,
+                   guidance=c.guidance, ema_decay=c.ema_decay,
                    seed=cfg.seed * 1000 + client_id, device=device)
 
     @property
@@ -187,13 +199,19 @@ class Client:
         x0 = self.images[idx]
         x_t = self.schedule.noise(x0, t, eps)
         cond = self.condition[idx] if self.condition is not None else None
+        if self.label_dropout:  # drawn only then: a run without guidance keeps its random stream
+            drop = torch.rand(self.batch_size, generator=self.gen) < self.label_dropout
+            cond = cond.masked_fill(drop, self.null_class)
         return tuple(None if v is None else to_device(v, self.device)
                      for v in (x_t, t, cond, self.schedule.alpha_bar[t], x0, eps))
 
-    def eps_fn(self, cond: torch.Tensor | None):
-        """Noise prediction of the sampling (EMA) weights for levels <= t_c."""
+    def eps_fn(self, cond: torch.Tensor | None, guidance: float = 1.0):
+        """Noise prediction of the sampling (EMA) weights for levels <= t_c, with classifier-free guidance
+        w = `guidance` on `cond` (1: none). finish samples with self.guidance; the disclosure attacks score the
+        conditional net, as they do the server's."""
         def fn(x, t):
-            return self.objective.client_noise(self.ema.model(x, t, cond), self.schedule, x, t)
+            out = guided_output(self.ema.model, x, t, cond, self.null_class, guidance)
+            return self.objective.client_noise(out, self.schedule, x, t)
         return fn
 
     def sampling_request(self, n: int, steps: int, sampler: str, seed: int) -> SamplingRequest:
@@ -203,8 +221,8 @@ class Client:
     def finish(self, msg: SamplingHandoffs, steps: int, sampler: str, seed: int) -> torch.Tensor:
         """Run levels t_c..0 on the server's handoffs; the images stay here. Returns (n, C, H, W) in [-1, 1]."""
         g, cond = self.sampling_stream(msg.handoffs.shape[0], seed)
-        x = sample_levels(self.eps_fn(cond), msg.handoffs.to(self.device), level_grid(self.t_c, 0, steps),
-                          self.schedule, eta_of(sampler), g)
+        x = sample_levels(self.eps_fn(cond, self.guidance), msg.handoffs.to(self.device),
+                          level_grid(self.t_c, 0, steps), self.schedule, eta_of(sampler), g)
         return x.clamp(-1, 1).cpu()
 
     def sampling_stream(self, n: int, seed: int) -> tuple[torch.Generator, torch.Tensor | None]:

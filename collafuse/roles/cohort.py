@@ -25,6 +25,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
 
 from collafuse.core.protocol import SamplingHandoffs
+from collafuse.core.recipe import guided_output
 from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.roles.client import Client
 
@@ -43,8 +44,8 @@ def cohort_key(client: Client, steps: int) -> tuple | None:
     if client.t_c == 0 or steps == 0:
         return None
     # Everything a step's arithmetic depends on besides the weights, the data and the random stream.
-    return (*sampling_key(client), client.batch_size, client.lr, client.lr_schedule, client.steps_done,
-            client.ema.decay, client.ema.updates, steps)
+    return (*sampling_key(client), client.batch_size, client.lr, client.lr_schedule, client.label_dropout,
+            client.steps_done, client.ema.decay, client.ema.updates, steps)
 
 
 class _Batchable(TorchFunctionMode):
@@ -148,21 +149,26 @@ def _unstack(clients: list[Client], owns: list[dict], params: dict, buffers: dic
 
 def finish_key(client: Client, n: int) -> tuple:
     """Clients with equal keys finish their samples together (n samples each)."""
-    return (*sampling_key(client), n)
+    return (*sampling_key(client), client.guidance, n)
 
 
-def stacked_eps_fn(clients: list[Client], conds: list[torch.Tensor | None], rows: list[int]):
-    """Each client's eps_fn (its EMA weights, its conditions) over its own consecutive rows of one batch, in one
-    vmapped call (all of one sampling_key). Rows are padded to the largest client's count with copies of its first
-    row, whose outputs are dropped: every row is computed on its own, so the padding changes no other row."""
+def stacked_eps_fn(clients: list[Client], conds: list[torch.Tensor | None], rows: list[int], guidance: float = 1.0):
+    """Each client's eps_fn (its EMA weights, its conditions, guidance w) over its own consecutive rows of one
+    batch, in one vmapped call (all of one sampling_key). Rows are padded to the largest client's count with copies
+    of its first row, whose outputs are dropped: every row is computed on its own, so the padding changes no other
+    row."""
     if len({sampling_key(c) for c in clients}) != 1:
         raise ValueError("stacked_eps_fn needs clients of one sampling_key")
     first, most = clients[0], max(rows)
     params, buffers = stack_module_state([c.ema.model for c in clients])
     skeleton = copy.deepcopy(first.ema.model).to("meta").eval()
     cond = None if first.condition is None else torch.stack([_pad(c, most) for c in conds])
-    net = vmap(lambda p, b, x, t, c: functional_call(skeleton, (p, b), (x, t, c)),
-               in_dims=(0, 0, 0, 0, None if cond is None else 0))
+
+    def guided(p, b, x, t, c):  # one client's rows, as its own eps_fn computes them
+        return guided_output(lambda *args: functional_call(skeleton, (p, b), args), x, t, c, first.null_class,
+                             guidance)
+
+    net = vmap(guided, in_dims=(0, 0, 0, 0, None if cond is None else 0))
 
     @torch.no_grad()
     def fn(x, t):
@@ -187,7 +193,7 @@ def finish_together(clients: list[Client], handoffs: list[SamplingHandoffs], ste
         raise ValueError("finish_together needs clients of one finish_key")
     first, rows = clients[0], [len(h.handoffs) for h in handoffs]
     streams = [c.sampling_stream(n, seed) for c, n, seed in zip(clients, rows, seeds)]
-    eps_fn = stacked_eps_fn(clients, [cond for _, cond in streams], rows)
+    eps_fn = stacked_eps_fn(clients, [cond for _, cond in streams], rows, first.guidance)
     x = torch.cat([h.handoffs for h in handoffs]).to(first.device)
     x = sample_levels(eps_fn, x, level_grid(first.t_c, 0, steps), first.schedule, eta_of(sampler),
                       [(g, n) for (g, _), n in zip(streams, rows)])
