@@ -105,3 +105,20 @@ def test_a_step_is_counted_once_per_architecture(monkeypatch):
     assert cost.client_step_flops(a, 8) == cost.client_step_flops(b, 8) and len(counted) == 1
     cost.client_step_flops(a, 16)  # another sampling batch is another count
     assert len(counted) == 2
+
+
+def test_guided_sampling_counts_twice_the_network():
+    """Classifier-free guidance runs the net on twice the rows each sampling step; the count says so."""
+    from collafuse.config import load_config
+    from collafuse.federation.inprocess import build
+    from collafuse.measure import cost
+    fed = build(load_config("smoke", ["client.condition=class", "client.label_dropout=0.1",
+                                      "server.label_dropout=0.1"]))
+    client, server = fed.clients[0], fed.server
+    (train_1, sample_1), (server_train_1, server_sample_1) = cost.client_step_flops(client, 8), \
+        cost.server_step_flops(server, 8)
+    client.guidance = server.guidance = 2.0
+    (train_2, sample_2), (server_train_2, server_sample_2) = cost.client_step_flops(client, 8), \
+        cost.server_step_flops(server, 8)
+    assert (train_2, server_train_2) == (train_1, server_train_1)
+    assert sample_2 == 2 * sample_1 and server_sample_2 == 2 * server_sample_1

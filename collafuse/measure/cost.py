@@ -68,16 +68,18 @@ METHOD = ("torch FlopCounterMode on one step per role and phase, times the steps
           "(2 per multiply-add), elementwise work not counted")
 
 
-# (architecture, shapes, device) -> (training step, sampling step) FLOPs. The counts depend on nothing else,
+# (architecture, shapes, guidance, device) -> (training step, sampling step) FLOPs. The counts depend on nothing else
+# (guidance w != 1 evaluates the net twice per sampling step),
 # and counting traces a forward and a backward (~0.5 s): 100 clients of one architecture count once.
 _STEP_FLOPS: dict[tuple, tuple[int, int]] = {}
 
 
 def _step_flops(model, eps_fn, *, shape, levels: tuple[int, int], schedule, batch: int, n: int, train_cond,
-                sample_cond, device, seed: int) -> tuple[int, int]:
+                sample_cond, guidance: float, device, seed: int) -> tuple[int, int]:
     """(training step, sampling step) FLOPs of one role over its levels; random data, FLOPs do not depend on it."""
     key = (type(model), tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()), tuple(shape), batch, n,
-           *(None if c is None else (c.dtype, tuple(c.shape)) for c in (train_cond, sample_cond)), str(device))
+           *(None if c is None else (c.dtype, tuple(c.shape)) for c in (train_cond, sample_cond)), guidance != 1,
+           str(device))
     if key not in _STEP_FLOPS:
         _STEP_FLOPS[key] = _count_step_flops(model, eps_fn, shape=shape, levels=levels, schedule=schedule,
                                              batch=batch, n=n, train_cond=train_cond, sample_cond=sample_cond,
@@ -106,9 +108,10 @@ def client_step_flops(client, n_samples: int) -> tuple[int, int]:
     def cond(n):
         return None if client.condition is None else \
             client.condition[torch.randint(client.num_records, (n,), generator=gen)].to(client.device)
-    return _step_flops(client.model, client.eps_fn, shape=tuple(client.images.shape[1:]), levels=(1, client.t_c),
-                       schedule=client.schedule, batch=client.batch_size, n=n_samples,
-                       train_cond=cond(client.batch_size), sample_cond=cond(n_samples), device=client.device, seed=0)
+    return _step_flops(client.model, lambda c: client.eps_fn(c, client.guidance), shape=tuple(client.images.shape[1:]),
+                       levels=(1, client.t_c), schedule=client.schedule, batch=client.batch_size, n=n_samples,
+                       train_cond=cond(client.batch_size), sample_cond=cond(n_samples), guidance=client.guidance,
+                       device=client.device, seed=0)
 
 
 def server_step_flops(server, n_samples: int) -> tuple[int, int]:
@@ -118,7 +121,8 @@ def server_step_flops(server, n_samples: int) -> tuple[int, int]:
     label = torch.zeros(server.batch_size, dtype=torch.long, device=server.device) if server.client_cond else None
     return _step_flops(server.model, lambda _: server.eps_fn(0, server.guidance), shape=server.image_shape,
                        levels=(server.t_c + 1, server.schedule.T), schedule=server.schedule, batch=server.batch_size,
-                       n=n_samples, train_cond=label, sample_cond=None, device=server.device, seed=1)
+                       n=n_samples, train_cond=label, sample_cond=None, guidance=server.guidance, device=server.device,
+                       seed=1)
 
 
 def cost_block(clients: dict[str, dict], server: dict) -> dict:
