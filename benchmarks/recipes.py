@@ -4,11 +4,11 @@
     .venv/bin/python benchmarks/recipes.py --recipes base,all --cut 0.2
     .venv/bin/python benchmarks/recipes.py --recipes cosine --cut 0.706   # handoffs as noisy as linear's at 0.4
 
-Every recipe trains the default preset (MNIST 16 px, 5 Dirichlet clients) for --rounds rounds of 150
-server and 60 client steps (the same steps, so the same wall budget up to the recipe's own cost; the
+Every recipe trains the default preset (MNIST 16 px, 5 Dirichlet clients) for --rounds rounds of the
+preset's server and client steps (the same steps, so the same wall budget up to the recipe's own cost; the
 server-heavy and client-heavy recipes share about the same wall between the sides differently), two runs
-at a time on one thread each, and is measured as `collafuse run` measures (64 samples a client, DDIM 40 +
-10 steps, FID/KID on the domain features against each client's held-out images). Disclosure is not
+at a time on one thread each, and is measured as `collafuse run` measures (64 samples a client, the preset's
+sampler and steps, FID/KID on the domain features against each client's held-out images). Disclosure is not
 measured here: the recipe changes what is learnt, not what is sent. Prints a markdown table: per recipe
 the mean over seeds (± sample sd) of each run's mean client KID and FID, its worst client's own-class
 share, and the mean wall time of a run.
@@ -28,7 +28,8 @@ BOTH = ("server", "client")
 # Every recipe starts from plain DDPM spelt out in full, so that none inherits a Config default: when the
 # defaults became v + min-SNR, a recipe that named only its own change silently ran with min-SNR too.
 PLAIN = [*(f"{r}.prediction=epsilon" for r in BOTH), *(f"{r}.loss_weighting=uniform" for r in BOTH),
-         *(f"{r}.lr_warmup_steps=0" for r in BOTH), *(f"{r}.lr_decay=constant" for r in BOTH)]
+         *(f"{r}.lr_warmup_steps=0" for r in BOTH), *(f"{r}.lr_decay=constant" for r in BOTH),
+         *(f"{r}.label_dropout=0" for r in BOTH), *(f"{r}.guidance=1" for r in BOTH)]
 V = [f"{r}.prediction=v" for r in BOTH]
 MIN_SNR = [f"{r}.loss_weighting=min-snr" for r in BOTH]
 LR_SCHEDULE = ["server.lr_warmup_steps=25", "client.lr_warmup_steps=10", *(f"{r}.lr_decay=cosine" for r in BOTH)]
@@ -39,6 +40,9 @@ RECIPES = {
     "lr-schedule": PLAIN + LR_SCHEDULE,
     "all": PLAIN + V + MIN_SNR + LR_SCHEDULE,
     "v+min-snr": PLAIN + V + MIN_SNR,  # the Config default since 2026-11-28
+    # Classifier-free guidance on the client's own classes (the preset conditions the clients on them): the
+    # default preset's since 2026-12-07.
+    "v+min-snr+guidance": PLAIN + V + MIN_SNR + ["client.label_dropout=0.1", "client.guidance=2"],
     # How the steps are shared between the sides, at about the default's wall per round (a server step costs
     # ~2.5x a client step on one thread: 150 x 2.5 + 5 clients x 60 = 675 client-step units a round).
     "server-heavy": PLAIN + V + MIN_SNR + ["server.steps_per_round=225", "client.steps_per_round=30"],  # 713 units

@@ -212,12 +212,16 @@ def test_each_ablation_recipe_is_what_its_name_says_whatever_the_defaults():
     spec.loader.exec_module(recipes)
     want = {"base": ("epsilon", "uniform", 0), "min-snr": ("epsilon", "min-snr", 0), "v": ("v", "uniform", 0),
             "lr-schedule": ("epsilon", "uniform", 25), "all": ("v", "min-snr", 25), "v+min-snr": ("v", "min-snr", 0),
-            "server-heavy": ("v", "min-snr", 0), "client-heavy": ("v", "min-snr", 0), "cosine": ("v", "min-snr", 0)}
+            "server-heavy": ("v", "min-snr", 0), "client-heavy": ("v", "min-snr", 0), "cosine": ("v", "min-snr", 0),
+            "v+min-snr+guidance": ("v", "min-snr", 0)}
     assert set(recipes.RECIPES) == set(want)
     for name, (prediction, weighting, warmup) in want.items():
         cfg = load_config("default", recipes.RECIPES[name])
         for side in (cfg.server, cfg.client):
             assert (side.prediction, side.loss_weighting) == (prediction, weighting), name
             assert side.lr_decay == ("cosine" if warmup else "constant"), name
+            # the preset guides its clients: only the guidance recipe may inherit that
+            assert (side.label_dropout, side.guidance) == ((0.1, 2) if side is cfg.client and "guidance" in name
+                                                           else (0, 1)), name
         assert cfg.server.lr_warmup_steps == warmup, name
     assert load_config("default", recipes.RECIPES["cosine"]).schedule.kind == "cosine"
