@@ -224,4 +224,5 @@ def test_each_ablation_recipe_is_what_its_name_says_whatever_the_defaults():
             assert (side.label_dropout, side.guidance) == ((0.1, 2) if side is cfg.client and "guidance" in name
                                                            else (0, 1)), name
         assert cfg.server.lr_warmup_steps == warmup, name
+        assert cfg.sampling.client_steps == (100 if "guidance" in name else 200), name  # the same sampling cost
     assert load_config("default", recipes.RECIPES["cosine"]).schedule.kind == "cosine"
