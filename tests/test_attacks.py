@@ -236,15 +236,43 @@ def test_denoiser_level_is_chosen_on_public_images(digits):
         x0 = prior.posterior_mean(x_t, int(t[0]), ALPHA_BAR)
         exact = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
         return exact + (3.0 if int(t[0]) <= 22 else 0.0)
-    [(level, tried)] = best_denoiser_level(reference, t_c, [21, 25, 30, 40], ALPHA_BAR, eps_fn,
+    [(level, tried)] = best_denoiser_level(reference, t_c, [21, 25, 30, 40], ALPHA_BAR, lambda copy: eps_fn,
                                            torch.Generator().manual_seed(0))
-    assert [r["level"] for r in tried] == [21, 25, 30, 40] and level == max(tried, key=lambda r: r["psnr"])["level"]
+    assert [r["level"] for r in tried] == [21, 25, 30, 40]
     assert level == 25  # measured PSNR falls with the level above 25: each level adds noise the estimate cannot undo
+    # Racing: the levels far behind after 32 images were tried no further; the chosen one was tried on all 500.
+    assert [r["images"] for r in tried] == [32, 500, 32, 32]
+    assert level == max((r for r in tried if r["images"] == 500), key=lambda r: r["psnr"])["level"]
     y = handoffs(members, t_c, seed=3)
     est = denoiser_estimate(y, t_c, level, ALPHA_BAR, eps_fn, torch.randn(y.shape, generator=torch.Generator().manual_seed(4)))
     assert psnr(est, members).mean() > psnr(reconstruct(y, t_c, ALPHA_BAR), members).mean()
     with pytest.raises(ValueError, match="above the cut"):
         denoiser_estimate(y, t_c, t_c, ALPHA_BAR, eps_fn, y)
+
+
+def test_denoiser_level_racing_chooses_as_the_full_search_does(digits, monkeypatch):
+    """Two denoisers judged at once, each off below its own level; eps_of gets each row's copy. Racing drops levels
+    after 32 images and still chooses, and scores the levels it keeps, exactly as trying every level on all 200."""
+    import collafuse.measure.attacks as attacks
+    reference, t_c, levels = digits[:200], 20, [21, 25, 30, 40]
+    prior, off_below = GaussianPrior(digits[200:700]), torch.tensor([22, 27])
+
+    def eps_of(copy):
+        def eps_fn(x_t, t):
+            level = int(t[0])
+            ab = float(ALPHA_BAR[level])
+            exact = (x_t - math.sqrt(ab) * prior.posterior_mean(x_t, level, ALPHA_BAR)) / math.sqrt(1 - ab)
+            return exact + 3.0 * (level <= off_below[copy]).float().view(-1, 1, 1, 1)
+        return eps_fn
+    raced = best_denoiser_level(reference, t_c, levels, ALPHA_BAR, eps_of, torch.Generator().manual_seed(0), copies=2)
+    monkeypatch.setattr(attacks, "LEVEL_SCREEN_IMAGES", 1000)  # every level on every image
+    full = best_denoiser_level(reference, t_c, levels, ALPHA_BAR, eps_of, torch.Generator().manual_seed(0), copies=2)
+    assert [level for level, _ in raced] == [level for level, _ in full] == [25, 30]
+    assert [[r["images"] for r in tried] for _, tried in raced] == [[32, 200, 32, 32], [32, 32, 200, 200]]
+    assert all(r["images"] == 200 for _, tried in full for r in tried)
+    for (_, r_tried), (_, f_tried) in zip(raced, full):
+        kept = [(r["psnr"], f["psnr"]) for r, f in zip(r_tried, f_tried) if r["images"] == 200]
+        assert kept and all(a == pytest.approx(b, abs=1e-6) for a, b in kept)
 
 
 def test_mia_scores_are_seeded_and_need_levels(mia_split):

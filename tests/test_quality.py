@@ -15,8 +15,9 @@ from torch import nn
 from collafuse.measure.inception import (INCEPTION_SHA256, WeightsDownloadError, _tf_resize, cache_root, fetch_inception,
                                  inception_path)
 from collafuse.measure.evaluate import ClientEvaluation, quality_line, quality_verdict
-from collafuse.measure.quality import (evaluate_quality, feature_extractor, own_class_share,
+from collafuse.measure.quality import (SubsetBatchedKID, _Precomputed, evaluate_quality, feature_extractor, own_class_share,
                                pure_noise, train_domain_classifier)
+from torchmetrics.image.kid import KernelInceptionDistance
 
 
 class Pool4(nn.Module):
@@ -111,6 +112,23 @@ def test_fid_kid_match_hand_computation_and_pinned_numbers(digits8):
     assert r["kid_mean"] == pytest.approx(kid, rel=1e-9) and r["kid_std"] == 0.0
     assert r["fid"] == pytest.approx(3.836317, abs=1e-5)
     assert r["kid_mean"] == pytest.approx(1.053762, abs=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
+@pytest.mark.parametrize("n_fake, n_real, subset", [(32, 5, 5), (32, 12, 8), (40, 40, 20), (60, 50, 50)])
+def test_batched_kid_equals_torchmetrics_loop(n_fake, n_real, subset):
+    """Same subsets and kernel as torchmetrics' KID, all at once; the largest subset takes torchmetrics' own loop."""
+    g = torch.Generator().manual_seed(n_fake + subset)
+    fake, real = torch.randn(n_fake, 16, generator=g).double(), torch.randn(n_real, 16, generator=g).double() + 0.2
+    scores = []
+    for kind in (KernelInceptionDistance, SubsetBatchedKID):
+        kid = kind(feature=_Precomputed(16), subsets=100, subset_size=subset)
+        kid.update(real, real=True)
+        kid.update(fake, real=False)
+        torch.manual_seed(7)
+        scores.append(torch.stack(kid.compute()))
+    assert scores[0][1] > 0
+    assert torch.allclose(scores[0], scores[1], rtol=1e-12, atol=1e-15)
 
 
 def test_kid_subsets_are_seeded_and_leave_global_rng_alone(digits8):

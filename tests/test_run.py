@@ -23,7 +23,9 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_run_writes_a_self_explaining_folder(smoke_run):
+    import gc
     out, output = smoke_run
+    assert gc.get_freeze_count() == 0  # the run froze its long-lived objects only while it ran
     assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.json", "log.jsonl", "checkpoint",
                                                "samples_client0.png", "samples_client1.png", "samples_client2.png"}
     cfg = json.loads((out / "config.json").read_text())

@@ -154,6 +154,23 @@ def test_row_batches_fit_the_pixel_budget():
     assert row_batches([], (1, 16, 16)) == []
 
 
+def test_cpu_calls_split_large_inputs_into_the_same_function(monkeypatch):
+    from collafuse.core import sampling
+    from collafuse.core.models import Denoiser, ModelConfig
+    net = Denoiser(ModelConfig(channels=(8, 16), attention=False), 8, 1, num_labels=3).eval()
+    calls = []
+    counted = lambda x, t, c: calls.append(len(x)) or net(x, t, c)
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(10, 1, 8, 8, generator=g), torch.randint(1, 50, (10,), generator=g), torch.arange(10) % 3
+    monkeypatch.setattr(sampling, "CPU_CALL_PIXELS", 4 * 64)  # at most 4 rows of 8x8 a call
+    with torch.no_grad():
+        split = sampling.in_cpu_calls(counted)(x, t, c)
+        assert calls == [4, 4, 2] and torch.allclose(split, net(x, t, c), atol=1e-6)
+        calls.clear()
+        sampling.in_cpu_calls(lambda x, t, c: calls.append(c) or x)(x, t)  # no condition: None to every call
+        assert calls == [None, None, None]
+
+
 def test_server_samples_many_clients_in_one_batch_as_each_alone(trained, monkeypatch):
     from collafuse.core import sampling
     from collafuse.core.protocol import SamplingRequest

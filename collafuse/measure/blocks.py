@@ -166,9 +166,10 @@ def _reconstruction(fed, sets, gen) -> dict:
     chosen = {}
     for idx in row_batches([len(pick)] * len(sets), pick.shape[1:]):  # several clients' denoisers per call
         chunk = [sets[i]["client"].id for i in idx]
-        owner = torch.tensor(chunk).repeat_interleave(len(pick))
-        found = attacks.best_denoiser_level(pick, t_c, levels, ab, _on(server.eps_fn(owner.to(server.device)),
-                                                                       server.device), gen, copies=len(chunk))
+        owners = torch.tensor(chunk)
+        found = attacks.best_denoiser_level(
+            pick, t_c, levels, ab, lambda k: _on(server.eps_fn(owners[k].to(server.device)), server.device),
+            gen, copies=len(chunk))
         chosen.update({cid: level for cid, (level, _) in zip(chunk, found)})
     denoised = {}
     for level in sorted(set(chosen.values())):  # the clients that chose one level, a chunk of them per call

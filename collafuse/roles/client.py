@@ -9,7 +9,7 @@ from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise, to_devic
 from collafuse.core.protocol import (ClientReport, HandoffBatch, Refusal, RoundRequest, SamplingHandoffs,
                                      SamplingRequest)
 from collafuse.core.recipe import LRSchedule, Objective, guided_output
-from collafuse.core.sampling import eta_of, level_grid, sample_levels
+from collafuse.core.sampling import eta_of, in_cpu_calls, level_grid, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors
 from collafuse.roles.noise import handoff_noise, record_digests
@@ -209,8 +209,10 @@ class Client:
         """Noise prediction of the sampling (EMA) weights for levels <= t_c, with classifier-free guidance
         w = `guidance` on `cond` (1: none). finish samples with self.guidance; the disclosure attacks score the
         conditional net, as they do the server's."""
+        net = in_cpu_calls(self.ema.model)
+
         def fn(x, t):
-            out = guided_output(self.ema.model, x, t, cond, self.null_class, guidance)
+            out = guided_output(net, x, t, cond, self.null_class, guidance)
             return self.objective.client_noise(out, self.schedule, x, t)
         return fn
 

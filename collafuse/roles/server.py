@@ -9,7 +9,7 @@ from torch import nn
 from collafuse.core.models import EMA, Denoiser, ModelConfig, optimise, to_device
 from collafuse.core.protocol import HandoffBatch, Limits, SamplingHandoffs, SamplingRequest, handoff_bound
 from collafuse.core.recipe import LRSchedule, Objective, guided_output
-from collafuse.core.sampling import eta_of, level_grid, randn, row_batches, sample_levels
+from collafuse.core.sampling import eta_of, in_cpu_calls, level_grid, randn, row_batches, sample_levels
 from collafuse.core.schedule import NoiseSchedule
 from collafuse.core.state import load_role, role_tensors, split_prefix
 from collafuse.roles.store import HandoffStore
@@ -160,11 +160,13 @@ class Server:
     def eps_fn(self, client_id: int | torch.Tensor, guidance: float = 1.0):
         """Full-chain noise prediction for the requesting client, or per record for a batch of clients' records,
         with classifier-free guidance w = `guidance` on the client id (1: none)."""
+        net = in_cpu_calls(self.ema.model)
+
         def fn(x, t):
             if not self.client_cond:
-                return self.objective.server_noise(self.ema.model(x, t, None), self.schedule, self.t_c, x, t)
+                return self.objective.server_noise(net(x, t, None), self.schedule, self.t_c, x, t)
             label = client_id.to(t.device) if torch.is_tensor(client_id) else torch.full_like(t, client_id)
-            out = guided_output(self.ema.model, x, t, label, self.null_label, guidance)
+            out = guided_output(net, x, t, label, self.null_label, guidance)
             return self.objective.server_noise(out, self.schedule, self.t_c, x, t)
         return fn
 
