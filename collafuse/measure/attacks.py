@@ -135,7 +135,7 @@ def best_denoiser_level(reference: torch.Tensor, t_c: int, levels: Sequence[int]
             x0_hat = denoiser_estimate(y[rows], t_c, levels[i], alpha_bar, eps_of(copy_of[rows]), noise[i][rows])
             scores[i, copy_of[rows], image_of[rows]] = psnr(x0_hat, reference[rows])
 
-    screen = n if n < 2 * LEVEL_SCREEN_IMAGES else LEVEL_SCREEN_IMAGES
+    screen = n if n < 2 * LEVEL_SCREEN_IMAGES else LEVEL_SCREEN_IMAGES  # few images: racing would save little
     for i in range(len(levels)):
         score(i, (image_of < screen).nonzero().squeeze(1))
     alive = torch.ones(len(levels), copies, dtype=torch.bool)
