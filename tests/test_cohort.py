@@ -43,6 +43,15 @@ def test_together_equals_one_by_one(overrides):
     # and each client's own weights went back to it: they differ between clients
     first, second = together.clients[:2]
     assert not torch.allclose(outputs(first, first.model), outputs(second, second.model))
+    # Each client's moments are its own slice of the stacked ones: one client training alone on from there moves
+    # its own, not another's, and ends where it ends one by one.
+    before = [v.clone() for st in second.opt.state.values() for k, v in st.items() if k != "step"]
+    assert first.train(3) == pytest.approx(alone.clients[0].train(3), rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, [v for st in second.opt.state.values()
+                                                           for k, v in st.items() if k != "step"]))
+    state_a, state_b = alone.clients[0].opt.state_dict()["state"], first.opt.state_dict()["state"]
+    assert all(state_b[i]["step"] == 13 for i in state_b)
+    torch.testing.assert_close(state_b[0]["exp_avg_sq"], state_a[0]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -30,11 +31,21 @@ from collafuse.core.sampling import eta_of, level_grid, sample_levels
 from collafuse.roles.client import Client
 
 
+def _shapes(model: torch.nn.Module) -> tuple:
+    """Every weight's name and shape: fixed once a model is built (loading weights keeps them), so kept per model."""
+    if model not in _SHAPES:
+        _SHAPES[model] = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    return _SHAPES[model]
+
+
+_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def sampling_key(client: Client) -> tuple:
     """Clients with equal keys can evaluate their networks together: one architecture below one cut.
 
     The EMA (sampling) weights are a copy of the model, so the model's shapes are theirs too."""
-    shapes = tuple((k, tuple(v.shape)) for k, v in client.model.state_dict().items())
+    shapes = _shapes(client.model)
     cond = None if client.condition is None else (client.condition.dtype, tuple(client.condition.shape[1:]))
     return (shapes, cond, tuple(client.images.shape[1:]), client.t_c, client.objective, str(client.device))
 
@@ -129,20 +140,29 @@ def train_together(clients: list[Client], steps: int, on_step: Callable[[], obje
 @torch.no_grad()
 def _unstack(clients: list[Client], owns: list[dict], params: dict, buffers: dict, opt, ema: dict | None,
              steps: int) -> None:
-    """Each client's slice back into its own model (owns: its parameters by name), optimiser state and EMA."""
+    """Each client's slice back into its own model (owns: its parameters by name), optimiser state and EMA.
+
+    Slices are views (unbind): weights are copied out of them, one fused call a client; optimiser moments stay
+    views of the stacked moments, which nothing else holds once the stacked optimiser is gone."""
+    names = list(params)
+    rows = {k: p.unbind(0) for k, p in params.items()}
+    moments = {k: {s: v if v.dim() == 0 else v.unbind(0) for s, v in opt.state[p].items()}
+               for k, p in params.items() if p in opt.state}
+    buffer_rows = {k: b.unbind(0) for k, b in buffers.items()}
+    ema_rows = None if ema is None else {k: ema[k].unbind(0) for k in names}
     for i, (c, own) in enumerate(zip(clients, owns)):
-        for k, p in params.items():
-            own[k].copy_(p[i])
-            if p in opt.state:
-                c.opt.state[own[k]] = {s: v.clone() if v.dim() == 0 else v[i].clone()
-                                       for s, v in opt.state[p].items()}
-        for k, b in dict(c.model.named_buffers()).items():
-            b.copy_(buffers[k][i])
-        if ema is not None:
-            for k, e in dict(c.ema.model.named_parameters()).items():
-                e.copy_(ema[k][i])
-            for k, b in dict(c.ema.model.named_buffers()).items():
-                b.copy_(buffers[k][i])
+        torch._foreach_copy_([own[k] for k in names], [rows[k][i] for k in names])
+        for k, state in moments.items():  # a 0-d state (Adam's step) is shared by all: each gets its own copy
+            c.opt.state[own[k]] = {s: v.clone() if torch.is_tensor(v) else v[i] for s, v in state.items()}
+        if buffer_rows:
+            mine = dict(c.model.named_buffers())
+            torch._foreach_copy_([mine[k] for k in buffer_rows], [b[i] for b in buffer_rows.values()])
+        if ema_rows is not None:
+            mine = dict(c.ema.model.named_parameters())
+            torch._foreach_copy_([mine[k] for k in names], [ema_rows[k][i] for k in names])
+            if buffer_rows:
+                mine = dict(c.ema.model.named_buffers())
+                torch._foreach_copy_([mine[k] for k in buffer_rows], [b[i] for b in buffer_rows.values()])
             c.ema.updates += steps
         c.steps_done += steps
 
