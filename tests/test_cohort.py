@@ -54,6 +54,34 @@ def test_together_equals_one_by_one(overrides):
     torch.testing.assert_close(state_b[0]["exp_avg_sq"], state_a[0]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
 
+def test_clients_group_norms_are_one_native_call_equal_to_each_own(monkeypatch):
+    """Inside the vmap over stacked clients, every client's GroupNorm runs as one call, not by vmap's rule."""
+    from torch import nn
+    from torch.func import functional_call, stack_module_state, vmap
+    from collafuse.roles import cohort
+    g = torch.Generator().manual_seed(0)
+    norms = [nn.GroupNorm(4, 8) for _ in range(3)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(torch.randn(8, generator=g))
+            norm.bias.copy_(torch.randn(8, generator=g))
+    params, buffers = stack_module_state(norms)
+    x = torch.randn(3, 5, 8, 4, 4, generator=g)
+    taken = []
+    native = cohort._stacked_group_norm
+    monkeypatch.setattr(cohort, "_stacked_group_norm", lambda *a: taken.append(native(*a)) or taken[-1])
+    with cohort._Batchable():
+        out = vmap(lambda p, b, x: functional_call(norms[0], (p, b), (x,)))(params, buffers, x)
+        transposed = vmap(lambda p, b, x: functional_call(norms[0], (p, b), (x.transpose(-1, -2),)))(
+            params, buffers, x)
+    assert len(taken) == 2 and all(t is not None for t in taken)
+    with torch.no_grad():
+        for i, norm in enumerate(norms):
+            torch.testing.assert_close(out[i], norm(x[i]), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(transposed[i], norm(x[i].transpose(-1, -2)), rtol=1e-5, atol=1e-6)
+    assert cohort._stacked_group_norm(x[0], 4, norms[0].weight, norms[0].bias, 1e-5) is None  # outside vmap
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("overrides", [[], ["client.condition=class", "client.prediction=v"]])
 def test_clients_finish_their_samples_together_as_one_by_one(sampler, overrides):

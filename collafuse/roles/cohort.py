@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch._C._functorch as functorch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
@@ -60,9 +61,15 @@ def cohort_key(client: Client, steps: int) -> tuple | None:
 
 
 class _Batchable(TorchFunctionMode):
-    """Two ops of diffusers' UNet, as vmap can batch them.
+    """Two ops of diffusers' UNet, as vmap can batch them, and fast.
 
-    group_norm: vmap cannot take a transposed input (diffusers' attention passes one), so it gets a copy.
+    group_norm: every client's GroupNorm at once is one GroupNorm of N x groups over the clients' channels side
+    by side, each client's affine weights in its own channels (_stacked_group_norm). vmap's own rule instead
+    moves the clients in front of the batch (a copy), normalises, moves them back (another) and applies each
+    client's affine weights as separate multiplies and adds: a smoke cohort's step 0.40-0.43 s against
+    0.34-0.38 s (measured; the same losses, the gradients equal but for those that are zero up to rounding).
+    Where that does not apply, vmap's rule, with a copy of a transposed input (diffusers' attention passes
+    one, which vmap cannot take).
     scaled_dot_product_attention: the CPU kernel has no batching rule (vmap would loop over the clients), so
     it is written out as softmax(q kᵀ · scale) v, the same function.
     """
@@ -70,12 +77,38 @@ class _Batchable(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.group_norm:
+            call = dict(zip(("input", "num_groups", "weight", "bias", "eps"), args), **kwargs)
+            out = _stacked_group_norm(call["input"], call["num_groups"], call.get("weight"), call.get("bias"),
+                                      call.get("eps", 1e-5))
+            if out is not None:
+                return out
             args = (args[0].contiguous(), *args[1:])
         elif func is F.scaled_dot_product_attention and _plain_attention(*args[3:], **kwargs):
             q, k, v = args[:3]
             scale = kwargs.get("scale") or q.shape[-1] ** -0.5
             return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
         return func(*args, **kwargs)
+
+
+def _stacked_group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor | None:
+    """F.group_norm of every client at once inside one vmap over stacked clients (weights batched like the input),
+    as one native call on the physical tensors; None where that does not apply (it then takes vmap's rule).
+
+    Uses functorch's tensor-level API (torch is pinned); tests/test_cohort.py checks that the path is taken and
+    that clients trained together end where they end one by one."""
+    if weight is None or bias is None or not all(functorch.is_batchedtensor(v) for v in (x, weight, bias)):
+        return None
+    level = functorch.maybe_get_level(x)
+    if {functorch.maybe_get_level(weight), functorch.maybe_get_level(bias)} != {level}:
+        return None
+    (x, xd), (w, wd), (b, bd) = ((functorch.get_unwrapped(v), functorch.maybe_get_bdim(v)) for v in (x, weight, bias))
+    if any(functorch.is_batchedtensor(v) for v in (x, w, b)):  # vmap inside vmap: leave it to vmap
+        return None
+    x = x.movedim(xd, 1)  # (batch, clients, channels, ...): the layout the batched convolutions leave
+    rows, clients, channels = x.shape[:3]
+    out = F.group_norm(x.reshape(rows, clients * channels, *x.shape[3:]), clients * groups,
+                       w.movedim(wd, 0).reshape(-1), b.movedim(bd, 0).reshape(-1), eps)
+    return functorch._add_batch_dim(out.view(x.shape), 1, level)
 
 
 def _plain_attention(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:
